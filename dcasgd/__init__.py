@@ -1,0 +1,17 @@
+"""dcasgd: a sharded ZeroMQ parameter server for asynchronous SGD with delay compensation."""
+
+from .client import Client, DcasgdError, ServerError, ShardTimeout
+from .layout import FlatLayout, shard_ranges
+from .rules import MODES, RuleConfig
+
+__all__ = [
+    "MODES",
+    "Client",
+    "DcasgdError",
+    "FlatLayout",
+    "RuleConfig",
+    "ServerError",
+    "ShardTimeout",
+    "shard_ranges",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,121 @@
+"""The ``dcasgd`` command: ``server`` and ``status``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from . import rules
+from .server import DEFAULT_BIND, run_server
+from .shard import ShardConfig
+
+
+def _add_server(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("server", help="run one shard of the parameter server")
+    p.add_argument("--bind", default=DEFAULT_BIND, help=f"ZeroMQ endpoint to bind (default {DEFAULT_BIND})")
+    p.add_argument("--shard", type=int, default=0, help="this shard's index (default 0)")
+    p.add_argument("--num-shards", type=int, default=1, help="shards in the job (default 1)")
+    p.add_argument("--num-workers", type=int, required=True, help="workers in the job")
+    p.add_argument("--mode", choices=rules.MODES, default="dcasgd-a", help="update rule (default dcasgd-a)")
+    d = rules.RuleConfig()
+    p.add_argument("--lr", type=float, default=d.lr, help=f"lr when a push carries none (default {d.lr})")
+    p.add_argument("--lam", type=float, default=d.lam, help=f"DC-ASGD-c lambda (default {d.lam})")
+    p.add_argument("--lam0", type=float, default=d.lam0, help=f"DC-ASGD-a lambda_0 (default {d.lam0})")
+    p.add_argument("--ms-decay", type=float, default=d.ms_decay, help=f"DC-ASGD-a m (default {d.ms_decay})")
+    p.add_argument("--eps", type=float, default=d.eps, help=f"DC-ASGD-a epsilon (default {d.eps})")
+    p.add_argument("--momentum", type=float, default=d.momentum, help="server-side momentum mu (default 0)")
+    p.add_argument("--sync-timeout", type=float, default=60.0, help="seconds a sync round waits (default 60)")
+    p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+
+
+def _add_status(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("status", help="print the stats of one or more shards as a table")
+    p.add_argument("endpoints", nargs="+", help="shard endpoints, e.g. tcp://127.0.0.1:5555")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each shard (default 5)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dcasgd", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_server(sub)
+    _add_status(sub)
+    return parser
+
+
+def cmd_server(a: argparse.Namespace) -> int:
+    logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        cfg = ShardConfig(
+            shard=a.shard,
+            num_shards=a.num_shards,
+            num_workers=a.num_workers,
+            rules=rules.RuleConfig(
+                mode=a.mode, lr=a.lr, lam=a.lam, lam0=a.lam0, ms_decay=a.ms_decay, eps=a.eps, momentum=a.momentum
+            ),
+            sync_timeout=a.sync_timeout,
+        )
+    except ValueError as exc:
+        print(f"dcasgd server: {exc}", file=sys.stderr)
+        return 2
+    return run_server(a.bind, cfg)
+
+
+def format_stats(stats: dict[str, Any]) -> str:
+    """A shard's stats as a two-column table."""
+    rows = [
+        ("shard", f"{stats['shard']} of {stats['num_shards']}"),
+        ("mode", stats["mode"]),
+        ("initialized", stats["initialized"]),
+        ("slice", f"[{stats['lo']}, {stats['hi']}) of {stats['n']}"),
+        ("version", stats["version"]),
+        ("workers", stats["num_workers"]),
+        ("updates per worker", " ".join(str(u) for u in stats["updates"])),
+        ("staleness (value:count)", " ".join(f"{k}:{v}" for k, v in stats["staleness"]) or "-"),
+        ("duplicate pushes", stats["duplicates"]),
+    ]
+    if stats["mode"] == "sync":
+        rows += [("sync rounds", stats["rounds"]), ("left out of a round", stats["left_out"]), ("live", stats["live"])]
+    for k, v in sorted(stats.get("server", {}).items()):
+        rows.append((k, v))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def cmd_status(a: argparse.Namespace) -> int:
+    import zmq
+
+    from . import protocol
+
+    ctx = zmq.Context()
+    code = 0
+    for ep in a.endpoints:
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(ep)
+        sock.send(protocol.pack({"v": protocol.PROTOCOL_VERSION, "op": "stats", "rid": 1}))
+        if sock.poll(int(a.timeout * 1000)):
+            h = protocol.unpack(sock.recv(), max_bytes=1 << 24)
+            if h.get("ok"):
+                print(f"== {ep}")
+                print(format_stats(h))
+            else:
+                print(f"{ep}: error {h.get('code')}: {h.get('msg')}", file=sys.stderr)
+                code = 1
+        else:
+            print(f"{ep}: no answer within {a.timeout:.1f} s", file=sys.stderr)
+            code = 1
+        sock.close()
+    ctx.term()
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    return {"server": cmd_server, "status": cmd_status}[a.command](a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,353 @@
+"""A worker's connection to every shard of a job.
+
+:class:`Client` is the low-level public API (after ps-lite's ``KVWorker``):
+``init``, ``pull``, ``push``, ``push_pull`` and ``stats`` on the whole flat
+float32 vector. It splits the vector into the shards' contiguous slices, sends
+to all shards at once and waits for all of them, so one call is one round trip.
+Every wait has a deadline; a request that times out is sent again with the same
+seq (pushes are exactly-once on the shard), and after the last try the error
+names the shard that did not answer.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import zmq
+from torch import Tensor
+
+from . import protocol
+from .layout import flat_fingerprint, shard_ranges
+
+_COPY_THRESHOLD = 64 * 1024  # below this ZeroMQ copies anyway, and tracking costs more than it saves
+
+
+class DcasgdError(RuntimeError):
+    """Base class of the errors this client raises."""
+
+
+class ShardTimeout(DcasgdError):
+    """A shard did not answer within the deadline, after all retries."""
+
+
+class ServerError(DcasgdError):
+    """A shard answered a request with an error reply (``code``, ``message``)."""
+
+    def __init__(self, shard: int, endpoint: str, code: str, message: str) -> None:
+        super().__init__(f"shard {shard} ({endpoint}) refused the request: {code}: {message}")
+        self.shard = shard
+        self.endpoint = endpoint
+        self.code = code
+        self.message = message
+
+
+def servers_from_env(servers: str | Sequence[str] | None) -> list[str]:
+    """The shard endpoints, in shard order: from ``servers`` or ``DCASGD_SERVERS``."""
+    if servers is None:
+        servers = os.environ.get("DCASGD_SERVERS")
+        if not servers:
+            raise DcasgdError("no servers given: pass servers=[...] or set DCASGD_SERVERS (comma-separated)")
+    if isinstance(servers, str):
+        servers = [s.strip() for s in servers.split(",") if s.strip()]
+    servers = list(servers)
+    if not servers:
+        raise DcasgdError("the list of servers is empty")
+    return servers
+
+
+class Client:
+    """A worker's connection to all shards.
+
+    ``servers``: endpoints in shard order (shard ``s`` at ``servers[s]``), or a
+    comma-separated string, or None for ``DCASGD_SERVERS``. ``worker_id``: this
+    worker's id in ``[0, num_workers)``. ``timeout``: seconds to wait for one
+    shard's answer to one try; ``retries``: extra tries after a timeout.
+
+    Usage::
+
+        c = Client(["tcp://127.0.0.1:5555"], worker_id=0)
+        c.init(w)                  # first init wins
+        w = c.pull()
+        w = c.push_pull(g, lr=0.1)
+
+    Vectors are 1-D float32 CPU tensors of the whole model. Tensors passed in are
+    only read, and only until the call returns.
+    """
+
+    def __init__(
+        self,
+        servers: str | Sequence[str] | None,
+        worker_id: int,
+        *,
+        timeout: float = 30.0,
+        retries: int = 2,
+        fingerprint: str | None = None,
+        context: zmq.Context | None = None,
+    ) -> None:
+        self.servers = servers_from_env(servers)
+        if worker_id < 0:
+            raise ValueError(f"worker_id must be >= 0, got {worker_id}")
+        if not timeout > 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        self.worker_id = worker_id
+        self.timeout = float(timeout)
+        self.retries = int(retries)
+        self.fingerprint = fingerprint
+        self._own_ctx = context is None
+        self._ctx = context or zmq.Context(io_threads=max(1, min(4, len(self.servers))))
+        self._socks: list[zmq.Socket] = []
+        for ep in self.servers:
+            s = self._ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(ep)
+            self._socks.append(s)
+        self._rids = itertools.count(1)
+        self._trash = bytearray()
+        self.n: int | None = None
+        self.ranges: list[tuple[int, int]] = []
+        self.shard_info: list[dict[str, Any]] = []
+        self.hello()
+        self._seq = max(info["last_seq"] for info in self.shard_info)
+
+    # --- public API ------------------------------------------------------------------
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.servers)
+
+    @property
+    def num_workers(self) -> int:
+        """The job's worker count, as the shards report it."""
+        return self.shard_info[0]["num_workers"]
+
+    @property
+    def mode(self) -> str:
+        return self.shard_info[0]["mode"]
+
+    def hello(self) -> list[dict[str, Any]]:
+        """Ask every shard who it is; checks that the servers list matches the job."""
+        replies = self._call_all("hello", [{}] * self.num_shards)
+        for s, info in enumerate(replies):
+            if info["shard"] != s or info["num_shards"] != self.num_shards:
+                raise DcasgdError(
+                    f"{self.servers[s]} is shard {info['shard']} of {info['num_shards']}, but was listed as "
+                    f"shard {s} of {self.num_shards}: list servers in shard order"
+                )
+            if self.worker_id >= info["num_workers"]:
+                raise DcasgdError(
+                    f"worker_id {self.worker_id} is out of range for a job of {info['num_workers']} workers"
+                )
+        self.shard_info = replies
+        if all(info["initialized"] for info in replies):
+            self._adopt(replies[0]["n"], replies[0]["fp"])
+        return replies
+
+    def init(self, w: Tensor) -> None:
+        """Offer ``w`` (1-D float32, the whole model) as the job's initial weights.
+
+        The first init a shard sees wins; later ones with the same layout are
+        no-ops, and one with another layout is refused (:class:`ServerError`).
+        """
+        w = _flat(w, "w")
+        fp = self.fingerprint or flat_fingerprint(w.numel())
+        ranges = shard_ranges(w.numel(), self.num_shards)
+        headers = [{"fp": fp, "n": w.numel(), "lo": lo, "hi": hi} for lo, hi in ranges]
+        self._call_all("init", headers, payload=w, ranges=ranges)
+        self._adopt(w.numel(), fp)
+
+    def wait_initialized(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds until every shard has weights (some worker's init)."""
+        deadline = time.monotonic() + timeout
+        while not all(info["initialized"] for info in self.hello()):
+            if time.monotonic() > deadline:
+                missing = [s for s, info in enumerate(self.shard_info) if not info["initialized"]]
+                raise ShardTimeout(
+                    f"shards {missing} still had no weights after {timeout:.1f} s: did worker 0 call init?"
+                )
+            time.sleep(0.05)  # polling a remote condition; each hello has its own deadline
+
+    def pull(self, out: Tensor | None = None) -> Tensor:
+        """The current weights of every shard (1-D float32). Written into ``out`` if given."""
+        self._need_layout()
+        out = self._out(out)
+        self._call_all("pull", [{"fp": self.fingerprint}] * self.num_shards, out=out)
+        return out
+
+    def push(self, g: Tensor, lr: float | None = None) -> list[dict[str, Any]]:
+        """Apply gradient ``g`` (1-D float32, whole model) with learning rate ``lr``.
+
+        Returns each shard's reply (``version``, ``staleness``). In sync mode it
+        returns when the round completes.
+        """
+        return self._push("push", g, lr, None)
+
+    def push_pull(self, g: Tensor, lr: float | None = None, out: Tensor | None = None) -> Tensor:
+        """Apply ``g`` and return the fresh weights in one round trip (into ``out`` if given)."""
+        self._need_layout()
+        out = self._out(out)
+        self._push("push_pull", g, lr, out)
+        return out
+
+    def stats(self) -> list[dict[str, Any]]:
+        """One dict per shard: version, mode, updates per worker, staleness histogram, bytes."""
+        return self._call_all("stats", [{}] * self.num_shards)
+
+    def close(self) -> None:
+        """Close the sockets (and the ZeroMQ context if this client made it)."""
+        for s in self._socks:
+            s.close(linger=0)
+        self._socks = []
+        if self._own_ctx:
+            self._ctx.term()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- internals -------------------------------------------------------------------
+
+    def _adopt(self, n: int, fp: str) -> None:
+        self.n = n
+        self.ranges = shard_ranges(n, self.num_shards)
+        if self.fingerprint is None:
+            self.fingerprint = fp
+
+    def _need_layout(self) -> None:
+        if self.n is None:
+            self.hello()
+        if self.n is None:
+            raise DcasgdError("the shards have no weights yet: call init(w) first (worker 0 usually does)")
+
+    def _out(self, out: Tensor | None) -> Tensor:
+        if out is None:
+            return torch.empty(self.n, dtype=torch.float32)
+        if out.dtype != torch.float32 or out.dim() != 1 or out.numel() != self.n or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous 1-D float32 tensor of {self.n} elements")
+        if out.device.type != "cpu":
+            raise ValueError("out must be a CPU tensor")
+        return out
+
+    def _push(self, op: str, g: Tensor, lr: float | None, out: Tensor | None) -> list[dict[str, Any]]:
+        self._need_layout()
+        g = _flat(g, "g")
+        if g.numel() != self.n:
+            raise ValueError(f"gradient has {g.numel()} elements, the model has {self.n}")
+        if lr is not None and not lr > 0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        self._seq += 1
+        header = {"fp": self.fingerprint, "seq": self._seq}
+        if lr is not None:
+            header["lr"] = float(lr)
+        return self._call_all(op, [header] * self.num_shards, payload=g, ranges=self.ranges, out=out)
+
+    def _call_all(
+        self,
+        op: str,
+        headers: list[dict[str, Any]],
+        *,
+        payload: Tensor | None = None,
+        ranges: list[tuple[int, int]] | None = None,
+        out: Tensor | None = None,
+    ) -> list[dict[str, Any]]:
+        """Send ``op`` to every shard at once and wait for every answer.
+
+        ``payload``: the whole vector, sliced by ``ranges``; ``out``: where the
+        weights of a reply land, sliced the same way (received in place).
+        """
+        ranges = ranges or self.ranges
+        rid = next(self._rids)
+        msgs = []
+        for s, extra in enumerate(headers):
+            h = {"v": protocol.PROTOCOL_VERSION, "op": op, "rid": rid, "worker": self.worker_id, **extra}
+            frames: list[Any] = []
+            if payload is not None:
+                lo, hi = ranges[s]
+                h["dtype"] = protocol.DTYPE
+                h["nbytes"] = (hi - lo) * protocol.ITEMSIZE
+                frames.append(payload[lo:hi].numpy())
+            msgs.append([protocol.pack(h), *frames])
+        replies: list[dict[str, Any] | None] = [None] * self.num_shards
+        trackers: list[zmq.MessageTracker] = []
+        tries = [0] * self.num_shards
+        deadline = [0.0] * self.num_shards
+
+        def send(s: int) -> None:
+            tries[s] += 1
+            deadline[s] = time.monotonic() + self.timeout
+            *head, last = msgs[s]
+            for f in head:
+                self._socks[s].send(f, zmq.SNDMORE)
+            big = not isinstance(last, bytes) and last.nbytes >= _COPY_THRESHOLD
+            t = self._socks[s].send(last, copy=not big, track=big)
+            if big:
+                trackers.append(t)
+
+        for s in range(self.num_shards):
+            send(s)
+        poller = zmq.Poller()
+        for sock in self._socks:
+            poller.register(sock, zmq.POLLIN)
+        errors: list[ServerError] = []
+        while any(r is None for r in replies):
+            now = time.monotonic()
+            for s in range(self.num_shards):
+                if replies[s] is None and now >= deadline[s]:
+                    if tries[s] > self.retries:
+                        raise ShardTimeout(
+                            f"shard {s} ({self.servers[s]}) did not answer {op} from worker {self.worker_id} "
+                            f"within {self.timeout:.1f} s ({tries[s]} tries)"
+                        )
+                    send(s)  # same rid and seq: a push is applied at most once
+            wait = min(deadline[s] for s in range(self.num_shards) if replies[s] is None) - time.monotonic()
+            for sock, _ in poller.poll(max(0, int(wait * 1000)) + 1):
+                s = self._socks.index(sock)
+                reply = self._receive(s, rid, out, ranges)
+                if reply is None or replies[s] is not None:
+                    continue
+                replies[s] = reply
+                if not reply["ok"]:
+                    errors.append(ServerError(s, self.servers[s], reply.get("code", "?"), reply.get("msg", "")))
+        for t in trackers:  # the caller may reuse its tensor once we return
+            t.wait(self.timeout)
+        if errors:
+            raise errors[0]
+        return replies  # type: ignore[return-value]
+
+    def _receive(self, s: int, rid: int, out: Tensor | None, ranges: list[tuple[int, int]]) -> dict[str, Any] | None:
+        """Read one message from shard ``s``; None when it answers an older request."""
+        sock = self._socks[s]
+        h = protocol.unpack(sock.recv(), max_bytes=1 << 24)
+        more = sock.getsockopt(zmq.RCVMORE)
+        if h.get("rid") != rid:
+            while more:  # a late answer to a request we gave up on
+                sock.recv_into(self._trash)
+                more = sock.getsockopt(zmq.RCVMORE)
+            return None
+        if more:
+            if out is None:
+                raise DcasgdError(f"shard {s} sent weights that were not asked for")
+            lo, hi = ranges[s]
+            view = out[lo:hi].numpy()
+            got = sock.recv_into(view) if view.nbytes else sock.recv_into(self._trash)
+            if got != view.nbytes:
+                raise DcasgdError(f"shard {s} sent {got} bytes of weights, expected {view.nbytes}")
+            while sock.getsockopt(zmq.RCVMORE):
+                sock.recv_into(self._trash)
+        elif h.get("ok") and out is not None:
+            raise DcasgdError(f"shard {s} answered {h.get('op')} without weights")
+        return h
+
+
+def _flat(t: Tensor, name: str) -> Tensor:
+    if not isinstance(t, Tensor) or t.dim() != 1 or t.dtype != torch.float32:
+        raise ValueError(f"{name} must be a 1-D float32 tensor")
+    if t.device.type != "cpu":
+        raise ValueError(f"{name} must be a CPU tensor (the optimizer stages GPU tensors through pinned memory)")
+    return t.contiguous()

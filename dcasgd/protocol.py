@@ -1,0 +1,187 @@
+"""The wire format between workers and shards: one msgpack header frame plus raw payloads.
+
+A request is ``[header, payload?]`` on a DEALER socket (the shard's ROUTER adds
+the peer identity in front). The header is a msgpack map with string keys; a
+payload is a raw frame of little-endian float32 values, never pickled and never
+msgpack-encoded. Every field of a header is checked here, before the shard or the
+server touches a payload. ``docs/protocol.md`` documents each field.
+
+Two kinds of bad input:
+
+- not a message at all (no header frame, a header that is too large, not msgpack,
+  not a map): :class:`MalformedMessage`; the server drops it and counts it.
+- a message with a readable header that is wrong (unknown op, worker out of range,
+  wrong size, wrong dtype, wrong fingerprint, bad seq, wrong frame count):
+  :class:`ProtocolError` with a ``code``; the server answers with an error reply.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+PROTOCOL_VERSION = 1
+DTYPE = "float32"
+ITEMSIZE = 4
+DEFAULT_MAX_HEADER_BYTES = 64 * 1024
+
+OPS = ("hello", "init", "pull", "push", "push_pull", "stats")
+PAYLOAD_OPS = frozenset({"init", "push", "push_pull"})
+PUSH_OPS = frozenset({"push", "push_pull"})
+WEIGHT_REPLY_OPS = frozenset({"pull", "push_pull"})
+
+# Error codes carried in error replies (``code`` field).
+BAD_HEADER = "bad_header"
+BAD_VERSION = "bad_version"
+BAD_OP = "bad_op"
+BAD_WORKER = "bad_worker"
+BAD_SEQ = "bad_seq"
+BAD_DTYPE = "bad_dtype"
+BAD_SIZE = "bad_size"
+BAD_FRAMES = "bad_frames"
+BAD_FINGERPRINT = "bad_fingerprint"
+BAD_RANGE = "bad_range"
+BAD_LR = "bad_lr"
+NOT_INITIALIZED = "not_initialized"
+NO_WEIGHTS = "no_weights"
+ALREADY_PUSHED = "already_pushed"
+
+if sys.byteorder != "little":  # payloads are little-endian float32, read in place
+    raise ImportError("dcasgd needs a little-endian host")
+
+
+class MalformedMessage(Exception):
+    """Frames that are not a message at all; dropped and counted, never answered."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class ProtocolError(Exception):
+    """A readable request that is wrong; answered with ``code`` and ``message``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Request:
+    """A validated request header. Sizes are in bytes (``nbytes``) or elements (n, lo, hi)."""
+
+    op: str
+    rid: int
+    worker: int | None
+    seq: int | None = None
+    fp: str | None = None
+    n: int | None = None
+    lo: int | None = None
+    hi: int | None = None
+    nbytes: int | None = None
+    lr: float | None = None
+
+
+def pack(header: dict[str, Any]) -> bytes:
+    """Encode a header map as msgpack bytes."""
+    return msgpack.packb(header, use_bin_type=True)
+
+
+def unpack(data: bytes | memoryview, max_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> dict[str, Any]:
+    """Decode a header frame, refusing anything that is not a small msgpack map.
+
+    Raises :class:`MalformedMessage`. ExtType values decode as inert objects
+    (no pickle, no code runs on receive) and are then refused by validation.
+    """
+    if len(data) > max_bytes:
+        raise MalformedMessage(f"header of {len(data)} bytes exceeds {max_bytes}")
+    try:
+        obj = msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            max_str_len=max_bytes,
+            max_bin_len=max_bytes,
+            max_array_len=4096,
+            max_map_len=256,
+            max_ext_len=0,
+        )
+    except Exception as exc:  # msgpack raises several types for garbage
+        raise MalformedMessage(f"header is not msgpack: {type(exc).__name__}") from None
+    if not isinstance(obj, dict):
+        raise MalformedMessage(f"header is a {type(obj).__name__}, not a map")
+    return obj
+
+
+def _int(h: dict[str, Any], key: str, *, lo: int = 0, hi: int | None = None, required: bool = True) -> int | None:
+    if key not in h:
+        if required:
+            raise ProtocolError(BAD_HEADER, f"missing field {key!r}")
+        return None
+    v = h[key]
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise ProtocolError(BAD_HEADER, f"field {key!r} must be an integer")
+    if v < lo or (hi is not None and v >= hi):
+        code = BAD_WORKER if key == "worker" else (BAD_SEQ if key == "seq" else BAD_HEADER)
+        bound = f"[{lo}, {hi})" if hi is not None else f">= {lo}"
+        raise ProtocolError(code, f"field {key!r} = {v} is out of range {bound}")
+    return v
+
+
+def validate_request(h: dict[str, Any], num_workers: int, payload_frames: int) -> Request:
+    """Check every field of a request header and the number of payload frames.
+
+    ``payload_frames`` is how many frames followed the header. Raises
+    :class:`ProtocolError`; the payload itself is not read here.
+    """
+    rid = _int(h, "rid")
+    v = h.get("v")
+    if v != PROTOCOL_VERSION:
+        raise ProtocolError(BAD_VERSION, f"protocol version {v!r}, this server speaks {PROTOCOL_VERSION}")
+    op = h.get("op")
+    if not isinstance(op, str) or op not in OPS:
+        raise ProtocolError(BAD_OP, f"unknown op {op!r} (known: {', '.join(OPS)})")
+    worker = _int(h, "worker", hi=num_workers, required=op != "stats")
+    want_frames = 1 if op in PAYLOAD_OPS else 0
+    if payload_frames != want_frames:
+        raise ProtocolError(BAD_FRAMES, f"{op} takes {want_frames} payload frame(s), got {payload_frames}")
+    fp = None
+    if op in ("init", "pull", "push", "push_pull"):
+        fp = h.get("fp")
+        if not isinstance(fp, str) or not 0 < len(fp) <= 64:
+            raise ProtocolError(BAD_HEADER, "field 'fp' (layout fingerprint) must be a short string")
+    nbytes = None
+    if op in PAYLOAD_OPS:
+        if h.get("dtype") != DTYPE:
+            raise ProtocolError(BAD_DTYPE, f"dtype {h.get('dtype')!r}, expected {DTYPE!r} (little endian)")
+        nbytes = _int(h, "nbytes")
+        if nbytes % ITEMSIZE:
+            raise ProtocolError(BAD_SIZE, f"nbytes = {nbytes} is not a multiple of {ITEMSIZE}")
+    seq = _int(h, "seq", lo=1) if op in PUSH_OPS else None
+    lr = None
+    if op in PUSH_OPS and h.get("lr") is not None:
+        lr = h["lr"]
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+            raise ProtocolError(BAD_LR, f"lr must be a finite number > 0, got {lr!r}")
+        lr = float(lr)
+    n = lo_ = hi_ = None
+    if op == "init":
+        n = _int(h, "n")
+        lo_ = _int(h, "lo")
+        hi_ = _int(h, "hi")
+    return Request(op=op, rid=rid, worker=worker, seq=seq, fp=fp, n=n, lo=lo_, hi=hi_, nbytes=nbytes, lr=lr)
+
+
+def error_header(rid: int | None, code: str, message: str) -> dict[str, Any]:
+    """The header of an error reply."""
+    return {"v": PROTOCOL_VERSION, "rid": rid, "ok": False, "code": code, "msg": message}
+
+
+def ok_header(rid: int, op: str, fields: dict[str, Any]) -> dict[str, Any]:
+    """The header of a successful reply; ``fields`` depend on the op (docs/protocol.md)."""
+    return {"v": PROTOCOL_VERSION, "rid": rid, "ok": True, "op": op, **fields}

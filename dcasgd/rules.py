@@ -1,0 +1,229 @@
+"""The update rules of SSGD, ASGD, DC-ASGD-c and DC-ASGD-a as pure functions.
+
+Every rule updates flat float32 tensors in place and never sees a socket or a
+shard. The shape follows ``torch/optim/sgd.py``: a public function per rule that
+dispatches to a readable reference (``_reference_*``, allocating, one line per
+formula of the paper) or to the fast version used by the server (in place, no
+allocation when scratch buffers are given). Tests check one against the other.
+
+Notation (Zheng et al., ICML 2017): ``w`` the shard's weights, ``g`` a worker's
+gradient, ``w_bak`` the copy of ``w`` that worker last received, ``ms`` the
+running mean square of gradients (DC-ASGD-a only), ``v`` the momentum buffer.
+
+- async:    w <- w - lr * g
+- dcasgd:   w <- w - lr * (g + lam * g*g*(w - w_bak))
+- dcasgd-a: ms <- m*ms + (1-m)*g*g;  lam_t = lam0 / sqrt(ms + eps)
+            w <- w - lr * (g + lam_t * g*g*(w - w_bak))
+- sync:     w <- w - lr * (sum of gradients / count)
+
+With momentum ``mu > 0`` the (compensated) gradient ``d`` goes through
+``v <- mu*v + d; w <- w - lr*v``. ``v`` starts at zero, so the first step is
+``v = d``, as in ``torch.optim.SGD``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+MODES = ("sync", "async", "dcasgd", "dcasgd-a")
+
+
+@dataclass(frozen=True)
+class RuleConfig:
+    """Hyperparameters of the rules, with the paper's public defaults.
+
+    ``lr`` is the default learning rate when a push does not carry one;
+    ``lam`` is DC-ASGD-c's constant lambda; ``lam0``, ``ms_decay`` and ``eps``
+    are DC-ASGD-a's lambda_0, m and epsilon; ``momentum`` is the server-side mu.
+    """
+
+    mode: str = "async"
+    lr: float = 0.1
+    lam: float = 0.04
+    lam0: float = 2.0
+    ms_decay: float = 0.95
+    eps: float = 1e-7
+    momentum: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"Invalid mode: {self.mode!r} (choose from {', '.join(MODES)})")
+        if not self.lr > 0.0:
+            raise ValueError(f"Invalid learning rate: {self.lr}")
+        if not self.lam >= 0.0:
+            raise ValueError(f"Invalid lam: {self.lam}")
+        if not self.lam0 >= 0.0:
+            raise ValueError(f"Invalid lam0: {self.lam0}")
+        if not 0.0 <= self.ms_decay < 1.0:
+            raise ValueError(f"Invalid ms_decay: {self.ms_decay}")
+        if not self.eps > 0.0:
+            raise ValueError(f"Invalid eps: {self.eps}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"Invalid momentum: {self.momentum}")
+
+
+def _apply_direction(w: Tensor, d: Tensor, lr: float, momentum: float, momentum_buf: Tensor | None) -> None:
+    """w <- w - lr*d, or through the momentum buffer when momentum > 0."""
+    if momentum > 0.0:
+        if momentum_buf is None:
+            raise ValueError("momentum > 0 needs a momentum buffer")
+        momentum_buf.mul_(momentum).add_(d)
+        w.add_(momentum_buf, alpha=-lr)
+    else:
+        w.add_(d, alpha=-lr)
+
+
+def _scratch(w: Tensor, scratch: list[Tensor] | None, count: int) -> list[Tensor]:
+    if scratch is None:
+        return [torch.empty_like(w) for _ in range(count)]
+    if len(scratch) < count or any(s.shape != w.shape for s in scratch[:count]):
+        raise ValueError(f"need {count} scratch tensors shaped like w {tuple(w.shape)}")
+    return scratch
+
+
+# --- async ---------------------------------------------------------------------------
+
+
+def asgd_step(
+    w: Tensor,
+    g: Tensor,
+    *,
+    lr: float,
+    momentum: float = 0.0,
+    momentum_buf: Tensor | None = None,
+    reference: bool = False,
+) -> None:
+    """ASGD: ``w <- w - lr * g`` in place. ``w``, ``g``: 1-D float32, same length."""
+    if reference:
+        _reference_asgd(w, g, lr, momentum, momentum_buf)
+    else:
+        _apply_direction(w, g, lr, momentum, momentum_buf)
+
+
+def _reference_asgd(w, g, lr, momentum, momentum_buf):
+    d = g.clone()
+    if momentum > 0.0:
+        momentum_buf.copy_(momentum * momentum_buf + d)
+        d = momentum_buf
+    w.copy_(w - lr * d)
+
+
+# --- DC-ASGD-c -----------------------------------------------------------------------
+
+
+def dcasgd_step(
+    w: Tensor,
+    g: Tensor,
+    w_bak: Tensor,
+    *,
+    lr: float,
+    lam: float = 0.04,
+    momentum: float = 0.0,
+    momentum_buf: Tensor | None = None,
+    scratch: list[Tensor] | None = None,
+    reference: bool = False,
+) -> None:
+    """DC-ASGD-c: ``w <- w - lr * (g + lam * g*g*(w - w_bak))`` in place.
+
+    ``w_bak`` is this worker's backup (the weights it last received); it must
+    not alias ``w``. ``scratch``: one tensor shaped like ``w`` to avoid an
+    allocation per call.
+    """
+    if w_bak.data_ptr() == w.data_ptr() and w.numel() > 0:
+        raise ValueError("w_bak aliases w: the compensation term would always be zero")
+    if reference:
+        _reference_dcasgd(w, g, w_bak, lr, lam, momentum, momentum_buf)
+        return
+    (s,) = _scratch(w, scratch, 1)[:1]
+    torch.sub(w, w_bak, out=s)
+    s.mul_(g)
+    torch.addcmul(g, s, g, value=lam, out=s)  # s = g + lam * g*g*(w - w_bak)
+    _apply_direction(w, s, lr, momentum, momentum_buf)
+
+
+def _reference_dcasgd(w, g, w_bak, lr, lam, momentum, momentum_buf):
+    d = g + lam * g * g * (w - w_bak)
+    if momentum > 0.0:
+        momentum_buf.copy_(momentum * momentum_buf + d)
+        d = momentum_buf
+    w.copy_(w - lr * d)
+
+
+# --- DC-ASGD-a -----------------------------------------------------------------------
+
+
+def dcasgd_adaptive_step(
+    w: Tensor,
+    g: Tensor,
+    w_bak: Tensor,
+    ms: Tensor,
+    *,
+    lr: float,
+    lam0: float = 2.0,
+    ms_decay: float = 0.95,
+    eps: float = 1e-7,
+    momentum: float = 0.0,
+    momentum_buf: Tensor | None = None,
+    scratch: list[Tensor] | None = None,
+    reference: bool = False,
+) -> None:
+    """DC-ASGD-a in place: update ``ms`` with ``g``, then compensate with lam0/sqrt(ms+eps).
+
+    ``ms`` (mean square, one per element, starts at zero) is updated *before*
+    ``lam_t`` is formed, and ``lam_t`` is recomputed from ``ms`` at every step,
+    never compounded. ``scratch``: two tensors shaped like ``w``.
+    """
+    if w_bak.data_ptr() == w.data_ptr() and w.numel() > 0:
+        raise ValueError("w_bak aliases w: the compensation term would always be zero")
+    if reference:
+        _reference_dcasgd_adaptive(w, g, w_bak, ms, lr, lam0, ms_decay, eps, momentum, momentum_buf)
+        return
+    s, t = _scratch(w, scratch, 2)[:2]
+    torch.mul(g, g, out=t)
+    ms.lerp_(t, 1.0 - ms_decay)  # ms = m*ms + (1-m)*g*g
+    torch.sub(w, w_bak, out=s)
+    s.mul_(t)  # g*g*(w - w_bak)
+    torch.add(ms, eps, out=t)
+    t.rsqrt_()  # lam_t / lam0
+    torch.addcmul(g, s, t, value=lam0, out=s)  # s = g + lam_t * g*g*(w - w_bak)
+    _apply_direction(w, s, lr, momentum, momentum_buf)
+
+
+def _reference_dcasgd_adaptive(w, g, w_bak, ms, lr, lam0, ms_decay, eps, momentum, momentum_buf):
+    ms.copy_(ms_decay * ms + (1.0 - ms_decay) * g * g)
+    lam_t = lam0 / torch.sqrt(ms + eps)
+    d = g + lam_t * g * g * (w - w_bak)
+    if momentum > 0.0:
+        momentum_buf.copy_(momentum * momentum_buf + d)
+        d = momentum_buf
+    w.copy_(w - lr * d)
+
+
+# --- sync ----------------------------------------------------------------------------
+
+
+def ssgd_step(
+    w: Tensor,
+    grad_sum: Tensor,
+    count: int,
+    *,
+    lr: float,
+    momentum: float = 0.0,
+    momentum_buf: Tensor | None = None,
+    reference: bool = False,
+) -> None:
+    """SSGD: one step with the average of ``count`` gradients whose sum is ``grad_sum``.
+
+    ``grad_sum`` is scaled in place (it is the round's accumulator, reset by
+    the caller before the next round).
+    """
+    if count < 1:
+        raise ValueError(f"a sync step needs at least one gradient, got {count}")
+    if reference:
+        _reference_asgd(w, grad_sum / count, lr, momentum, momentum_buf)
+        return
+    grad_sum.div_(count)
+    _apply_direction(w, grad_sum, lr, momentum, momentum_buf)

@@ -1,0 +1,209 @@
+"""The ZeroMQ loop around one shard: a ROUTER socket, a poller, replies.
+
+The loop reads a message, validates its header (``protocol``), asks the shard
+whether the request fits its state (``ShardState.check``), only then reads the
+payload, hands the request to the shard and sends the replies the shard returns.
+It never computes a rule. Bad input gets an error reply; frames that are not a
+message are dropped and counted; nothing a peer sends stops the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+import torch
+import zmq
+
+from . import protocol
+from .protocol import MalformedMessage, ProtocolError
+from .shard import Reply, ShardConfig, ShardState
+
+log = logging.getLogger("dcasgd.server")
+
+DEFAULT_BIND = "tcp://127.0.0.1:5555"
+_POLL_MS = 100  # how often the loop wakes up to check stop flags and sync deadlines
+
+
+class ShardServer:
+    """One shard served on one ROUTER socket.
+
+    ``bind``: a ZeroMQ endpoint such as ``tcp://127.0.0.1:5555`` (port 0 or ``*``
+    picks a free one; see :attr:`endpoint`). Call :meth:`serve` to run until
+    :meth:`stop`.
+    """
+
+    def __init__(
+        self,
+        bind: str,
+        config: ShardConfig,
+        *,
+        max_header_bytes: int = protocol.DEFAULT_MAX_HEADER_BYTES,
+        context: zmq.Context | None = None,
+    ) -> None:
+        self.config = config
+        self.shard = ShardState(config)
+        self.max_header_bytes = max_header_bytes
+        self._ctx = context or zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.ROUTER)
+        self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unroutable replies raise instead of vanishing
+        self._sock.setsockopt(zmq.LINGER, 1000)
+        self._sock.setsockopt(zmq.SNDHWM, 10_000)
+        self._sock.setsockopt(zmq.RCVHWM, 10_000)
+        if bind.endswith(":0"):
+            bind = bind[:-2] + ":*"
+        self._sock.bind(bind)
+        self.endpoint: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._stop = threading.Event()
+        self.counters: Counter[str] = Counter()
+        self._route: dict[int, tuple[bytes, int, str]] = {}
+
+    def stop(self) -> None:
+        """Ask :meth:`serve` to return (safe from a signal handler or another thread)."""
+        self._stop.set()
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def serve(self) -> None:
+        """Serve requests until :meth:`stop` is called."""
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        log.info(
+            "shard %d/%d (%s, %d workers) listening on %s",
+            self.config.shard,
+            self.config.num_shards,
+            self.shard.mode,
+            self.config.num_workers,
+            self.endpoint,
+        )
+        while not self._stop.is_set():
+            timeout = _POLL_MS
+            deadline = self.shard.next_deadline()
+            if deadline is not None:
+                timeout = max(0, min(timeout, int((deadline - time.monotonic()) * 1000) + 1))
+            if poller.poll(timeout):
+                # Drain what is queued, but come back to check deadlines now and then.
+                for _ in range(64):
+                    try:
+                        frames = self._sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    self.handle(frames)
+            for reply in self.shard.expire(time.monotonic()):
+                self._send_reply(reply)
+
+    # --- one message ---------------------------------------------------------------
+
+    def handle(self, frames: list[zmq.Frame]) -> None:
+        """Answer one message ``[identity, header, payload...]`` from the ROUTER."""
+        self.counters["messages"] += 1
+        self.counters["bytes_in"] += sum(len(f) for f in frames)
+        if len(frames) < 2:
+            self._drop("no header frame")
+            return
+        ident, header, payloads = frames[0].bytes, frames[1], frames[2:]
+        try:
+            h = protocol.unpack(header.buffer, self.max_header_bytes)
+        except MalformedMessage as exc:
+            self._drop(exc.reason)
+            return
+        rid = h.get("rid") if isinstance(h.get("rid"), int) else None
+        try:
+            req = protocol.validate_request(h, self.config.num_workers, len(payloads))
+            if req.nbytes is not None and len(payloads[0]) != req.nbytes:
+                raise ProtocolError(
+                    protocol.BAD_SIZE, f"header says {req.nbytes} payload bytes, frame has {len(payloads[0])}"
+                )
+            self.shard.check(req)
+            for reply in self._dispatch(ident, req, payloads):
+                self._send_reply(reply)
+        except ProtocolError as exc:
+            self.counters["errors"] += 1
+            self.counters["error:" + exc.code] += 1
+            log.debug("error reply %s to %r", exc, ident)
+            self._send(ident, protocol.error_header(rid, exc.code, exc.message))
+
+    def _dispatch(self, ident: bytes, req: protocol.Request, payloads: list[zmq.Frame]) -> list[Reply]:
+        if req.op == "stats":
+            self._send(ident, protocol.ok_header(req.rid, "stats", self.stats()))
+            return []
+        # Where this worker's answer goes; a sync round answers it later, maybe after a retry.
+        self._route[req.worker] = (ident, req.rid, req.op)
+        if req.op == "hello":
+            return [Reply(req.worker, self.shard.hello(req.worker))]
+        if req.op == "init":
+            return [self.shard.init(req, _as_tensor(payloads[0]))]
+        if req.op == "pull":
+            return [self.shard.pull(req.worker)]
+        return self.shard.push(req, _as_tensor(payloads[0]), time.monotonic())
+
+    def stats(self) -> dict[str, Any]:
+        """The shard's counters plus the server's (messages, bytes, drops, errors)."""
+        s = self.shard.stats()
+        s["server"] = dict(self.counters)
+        return s
+
+    # --- replies -------------------------------------------------------------------
+
+    def _send_reply(self, reply: Reply) -> None:
+        route = self._route.get(reply.worker)
+        if route is None:
+            return
+        ident, rid, op = route
+        header = protocol.ok_header(rid, op, reply.fields)
+        if reply.snapshot is None:
+            self._send(ident, header)
+            return
+        snap = reply.snapshot
+        if not self._send(ident, header, more=True):
+            return
+        buf = snap.tensor.numpy()
+        tracker = self._sock.send(buf, copy=False, track=True)
+        snap.hold(tracker)  # the shard will not reuse this buffer until ZeroMQ is done with it
+        self.counters["bytes_out"] += buf.nbytes
+
+    def _send(self, ident: bytes, header: dict[str, Any], more: bool = False) -> bool:
+        data = protocol.pack(header)
+        try:
+            self._sock.send(ident, zmq.SNDMORE | zmq.NOBLOCK)
+        except zmq.ZMQError as exc:  # peer gone (EHOSTUNREACH) or its queue full (EAGAIN)
+            self.counters["unroutable_replies"] += 1
+            log.debug("reply to %r not sent: %s", ident, exc)
+            return False
+        self._sock.send(data, zmq.SNDMORE if more else 0)
+        self.counters["bytes_out"] += len(data)
+        return True
+
+    def _drop(self, reason: str) -> None:
+        self.counters["dropped"] += 1
+        log.debug("dropped a message: %s", reason)
+
+
+def _as_tensor(frame: zmq.Frame) -> torch.Tensor:
+    """A float32 view of a payload frame, without copying it."""
+    if len(frame) == 0:
+        return torch.empty(0)
+    return torch.frombuffer(frame.buffer, dtype=torch.float32)
+
+
+def run_server(bind: str, config: ShardConfig, **kwargs: Any) -> int:
+    """Run one shard in this process until SIGTERM or SIGINT; returns the exit code (0)."""
+    server = ShardServer(bind, config, **kwargs)
+
+    def _on_signal(signum: int, _frame: Any) -> None:
+        log.info("shard %d: signal %d, stopping", config.shard, signum)
+        server.stop()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    print(f"dcasgd shard {config.shard}/{config.num_shards} listening on {server.endpoint}", flush=True)
+    try:
+        server.serve()
+    finally:
+        server.close()
+    return 0

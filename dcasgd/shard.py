@@ -1,0 +1,401 @@
+"""The state of one shard and the mode logic; no sockets.
+
+A :class:`ShardState` owns the slice ``[lo, hi)`` of the flat weight vector and
+everything the rules need: one backup per worker (DC modes), the mean square
+``ms`` (DC-ASGD-a), the momentum buffer, the sync round. The server feeds it
+validated requests and sends back the :class:`Reply` objects it returns.
+
+Replies that carry weights carry a :class:`Snapshot`: an immutable copy of the
+weights at one version. Snapshots double as the workers' backups (workers that
+received the same version share one buffer), and a snapshot's buffer is reused
+only once no worker holds it as a backup and every send that uses it is done
+(``Snapshot.hold``), so a buffer handed to the network is never changed in place.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from . import rules
+from .layout import shard_ranges
+from .protocol import (
+    ALREADY_PUSHED,
+    BAD_FINGERPRINT,
+    BAD_RANGE,
+    BAD_SIZE,
+    ITEMSIZE,
+    NO_WEIGHTS,
+    NOT_INITIALIZED,
+    ProtocolError,
+    Request,
+)
+
+log = logging.getLogger("dcasgd.shard")
+
+DC_MODES = frozenset({"dcasgd", "dcasgd-a"})
+
+
+class Completion(Protocol):
+    """Anything that says when a send is over (``zmq.MessageTracker`` is one)."""
+
+    @property
+    def done(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    """Static configuration of one shard: its index, the job's size, the rules."""
+
+    shard: int = 0
+    num_shards: int = 1
+    num_workers: int = 1
+    rules: rules.RuleConfig = field(default_factory=rules.RuleConfig)
+    sync_timeout: float = 60.0  # seconds a sync round waits for a live worker
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.shard < self.num_shards:
+            raise ValueError(f"shard {self.shard} is not in [0, {self.num_shards})")
+        if self.num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
+        if not self.sync_timeout > 0:
+            raise ValueError(f"sync_timeout must be > 0, got {self.sync_timeout}")
+
+
+class Snapshot:
+    """The shard's weights at one ``version``; never written while referenced or in flight."""
+
+    __slots__ = ("tensor", "version", "refs", "_holds")
+
+    def __init__(self, tensor: Tensor, version: int) -> None:
+        self.tensor = tensor
+        self.version = version
+        self.refs = 0  # workers whose backup this is
+        self._holds: list[Completion] = []
+
+    def hold(self, completion: Completion) -> None:
+        """Keep the buffer unchanged until ``completion.done`` (a send in flight)."""
+        if not completion.done:
+            self._holds.append(completion)
+
+    @property
+    def busy(self) -> bool:
+        self._holds = [h for h in self._holds if not h.done]
+        return bool(self._holds) or self.refs > 0
+
+
+@dataclass
+class Reply:
+    """What to answer worker ``worker``: header fields and, maybe, weights."""
+
+    worker: int
+    fields: dict[str, Any]
+    snapshot: Snapshot | None = None
+
+
+@dataclass
+class _Pending:
+    seq: int
+    lr: float
+    want_weights: bool
+
+
+class ShardState:
+    """Weights, backups and buffers of one shard, and the rule of its mode."""
+
+    def __init__(self, config: ShardConfig) -> None:
+        self.config = config
+        self.mode = config.rules.mode
+        m = config.num_workers
+        self.initialized = False
+        self.fp: str | None = None
+        self.n = 0  # length of the whole model vector
+        self.lo = self.hi = 0
+        self.version = 0
+        self.w = torch.empty(0)
+        self.backup: list[Snapshot | None] = [None] * m
+        self.received_version: list[int | None] = [None] * m
+        self.last_seq = [0] * m
+        self.updates = [0] * m
+        self.staleness: Counter[int] = Counter()
+        self.duplicates = 0
+        self._ms: Tensor | None = None
+        self._momentum: Tensor | None = None
+        self._scratch: list[Tensor] = []
+        self._current: Snapshot | None = None
+        self._retired: list[Snapshot] = []
+        self._free: list[Tensor] = []
+        # sync mode
+        self.live = set(range(m))
+        self._round: dict[int, _Pending] = {}
+        self._round_started: float | None = None
+        self._grad_sum: Tensor | None = None
+        self.rounds = 0
+        self.round_seconds: list[float] = []
+        self.left_out = 0
+
+    # --- checks done before any payload is read -----------------------------------
+
+    @property
+    def size(self) -> int:
+        """Number of float32 elements this shard owns."""
+        return self.hi - self.lo
+
+    def check(self, req: Request) -> None:
+        """Refuse a request that does not fit this shard's state. Raises ProtocolError."""
+        if req.op == "init":
+            lo, hi = shard_ranges(req.n, self.config.num_shards)[self.config.shard]
+            if (req.lo, req.hi) != (lo, hi):
+                raise ProtocolError(
+                    BAD_RANGE,
+                    f"shard {self.config.shard} of {self.config.num_shards} owns [{lo}, {hi}) of {req.n}, "
+                    f"not [{req.lo}, {req.hi})",
+                )
+            if req.nbytes != (hi - lo) * ITEMSIZE:
+                raise ProtocolError(BAD_SIZE, f"init payload is {req.nbytes} bytes, expected {(hi - lo) * ITEMSIZE}")
+            if self.initialized and (req.fp != self.fp or req.n != self.n):
+                raise ProtocolError(
+                    BAD_FINGERPRINT,
+                    f"shard holds a model of {self.n} floats with fingerprint {self.fp}; "
+                    f"init sent {req.n} floats with fingerprint {req.fp}",
+                )
+            return
+        if req.op in ("hello", "stats"):
+            return
+        if not self.initialized:
+            raise ProtocolError(NOT_INITIALIZED, f"shard {self.config.shard} has no weights yet (no init)")
+        if req.fp != self.fp:
+            raise ProtocolError(BAD_FINGERPRINT, f"layout fingerprint {req.fp} does not match the job's {self.fp}")
+        if req.nbytes is not None and req.nbytes != self.size * ITEMSIZE:
+            raise ProtocolError(
+                BAD_SIZE, f"payload of {req.nbytes} bytes, shard {self.config.shard} expects {self.size * ITEMSIZE}"
+            )
+        if req.op in ("push", "push_pull") and self.received_version[req.worker] is None:
+            raise ProtocolError(NO_WEIGHTS, f"worker {req.worker} pushed before it ever received weights")
+
+    # --- ops ---------------------------------------------------------------------
+
+    def hello(self, worker: int) -> dict[str, Any]:
+        """What a worker learns when it (re)connects: job shape, model size, its last seq."""
+        return {
+            "shard": self.config.shard,
+            "num_shards": self.config.num_shards,
+            "num_workers": self.config.num_workers,
+            "mode": self.mode,
+            "initialized": self.initialized,
+            "fp": self.fp,
+            "n": self.n,
+            "lo": self.lo,
+            "hi": self.hi,
+            "version": self.version,
+            "last_seq": self.last_seq[worker],
+        }
+
+    def init(self, req: Request, weights: Tensor) -> Reply:
+        """Take ``weights`` (this shard's slice, float32) unless already initialized."""
+        if not self.initialized:
+            self.n, self.lo, self.hi, self.fp = req.n, req.lo, req.hi, req.fp
+            self.w = weights.detach().to(torch.float32).clone()
+            size = self.size
+            self._scratch = [torch.empty(size), torch.empty(size)]
+            if self.mode == "dcasgd-a":
+                self._ms = torch.zeros(size)
+            if self.config.rules.momentum > 0:
+                self._momentum = torch.zeros(size)
+            if self.mode == "sync":
+                self._grad_sum = torch.zeros(size)
+            self.initialized = True
+            log.info(
+                "shard %d initialized by worker %d: [%d, %d) of %d",
+                self.config.shard,
+                req.worker,
+                self.lo,
+                self.hi,
+                self.n,
+            )
+        return Reply(req.worker, {"version": self.version, "initialized": True})
+
+    def pull(self, worker: int) -> Reply:
+        """The current weights for ``worker``; they become its backup."""
+        self.live.add(worker)
+        return self._weights_reply(worker, {})
+
+    def push(self, req: Request, grad: Tensor, now: float) -> list[Reply]:
+        """Apply (or, in sync mode, collect) ``grad`` from ``req.worker``.
+
+        ``grad`` is this shard's slice of the worker's gradient (float32, read
+        only). Returns the replies to send now: none while a sync round waits,
+        one per member when it completes, one in async modes. A push whose seq
+        was already applied is answered again and not applied twice.
+        """
+        worker, want = req.worker, req.op == "push_pull"
+        lr = req.lr if req.lr is not None else self.config.rules.lr
+        if req.seq <= self.last_seq[worker]:
+            pending = self._round.get(worker)
+            if pending is not None and pending.seq == req.seq:
+                pending.want_weights = pending.want_weights or want
+                return []  # answered when the round completes
+            self.duplicates += 1
+            return [self._push_reply(worker, want, {"duplicate": True, "applied_seq": self.last_seq[worker]})]
+        if self.mode == "sync":
+            return self._sync_push(worker, req.seq, lr, want, grad, now)
+        staleness = self._record(worker, req.seq)
+        w_bak = self.backup[worker].tensor if self.mode in DC_MODES else None
+        r = self.config.rules
+        if self.mode == "async":
+            rules.asgd_step(self.w, grad, lr=lr, momentum=r.momentum, momentum_buf=self._momentum)
+        elif self.mode == "dcasgd":
+            rules.dcasgd_step(
+                self.w,
+                grad,
+                w_bak,
+                lr=lr,
+                lam=r.lam,
+                momentum=r.momentum,
+                momentum_buf=self._momentum,
+                scratch=self._scratch,
+            )
+        else:
+            rules.dcasgd_adaptive_step(
+                self.w,
+                grad,
+                w_bak,
+                self._ms,
+                lr=lr,
+                lam0=r.lam0,
+                ms_decay=r.ms_decay,
+                eps=r.eps,
+                momentum=r.momentum,
+                momentum_buf=self._momentum,
+                scratch=self._scratch,
+            )
+        self.version += 1
+        return [self._push_reply(worker, want, {"staleness": staleness})]
+
+    def expire(self, now: float) -> list[Reply]:
+        """Close a sync round whose deadline passed, leaving out the workers that did not push."""
+        if self._round_started is None or now - self._round_started < self.config.sync_timeout:
+            return []
+        missing = sorted(self.live - set(self._round))
+        self.live -= set(missing)
+        self.left_out += len(missing)
+        log.warning(
+            "shard %d: sync round %d closed after %.1f s without workers %s; they rejoin when they push or pull",
+            self.config.shard,
+            self.rounds,
+            self.config.sync_timeout,
+            missing,
+        )
+        return self._close_round(now)
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`expire` must next be called (same clock as ``now``), or None."""
+        if self._round_started is None:
+            return None
+        return self._round_started + self.config.sync_timeout
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for monitoring: version, updates per worker, staleness histogram."""
+        return {
+            "shard": self.config.shard,
+            "num_shards": self.config.num_shards,
+            "num_workers": self.config.num_workers,
+            "mode": self.mode,
+            "initialized": self.initialized,
+            "n": self.n,
+            "lo": self.lo,
+            "hi": self.hi,
+            "version": self.version,
+            "updates": list(self.updates),
+            "last_seq": list(self.last_seq),
+            "staleness": sorted(self.staleness.items()),
+            "duplicates": self.duplicates,
+            "rounds": self.rounds,
+            "left_out": self.left_out,
+            "live": sorted(self.live),
+            "snapshots": 1 + len(self._retired) + len(self._free) if self._current else 0,
+        }
+
+    # --- internals ---------------------------------------------------------------
+
+    def _record(self, worker: int, seq: int) -> int:
+        self.last_seq[worker] = seq
+        self.updates[worker] += 1
+        staleness = self.version - self.received_version[worker]
+        self.staleness[staleness] += 1
+        return staleness
+
+    def _sync_push(self, worker: int, seq: int, lr: float, want: bool, grad: Tensor, now: float) -> list[Reply]:
+        if worker in self._round:
+            raise ProtocolError(ALREADY_PUSHED, f"worker {worker} already pushed for sync round {self.rounds}")
+        self.live.add(worker)
+        self._record(worker, seq)
+        self._grad_sum.add_(grad)
+        self._round[worker] = _Pending(seq, lr, want)
+        if self._round_started is None:
+            self._round_started = now
+        if self.live <= set(self._round):
+            return self._close_round(now)
+        return []
+
+    def _close_round(self, now: float) -> list[Reply]:
+        members = self._round
+        lr = next(reversed(members.values())).lr  # the most recent push's lr
+        r = self.config.rules
+        rules.ssgd_step(self.w, self._grad_sum, len(members), lr=lr, momentum=r.momentum, momentum_buf=self._momentum)
+        self._grad_sum.zero_()
+        self.version += 1
+        self.rounds += 1
+        self.round_seconds.append(now - self._round_started)
+        del self.round_seconds[:-1000]
+        self._round = {}
+        self._round_started = None
+        return [
+            self._push_reply(m, p.want_weights, {"staleness": 0, "round_size": len(members)})
+            for m, p in members.items()
+        ]
+
+    def _push_reply(self, worker: int, want_weights: bool, fields: dict[str, Any]) -> Reply:
+        if want_weights:
+            return self._weights_reply(worker, fields)
+        return Reply(worker, {"version": self.version, **fields})
+
+    def _weights_reply(self, worker: int, fields: dict[str, Any]) -> Reply:
+        snap = self._snapshot()
+        self.received_version[worker] = snap.version
+        if self.mode in DC_MODES:
+            old = self.backup[worker]
+            if old is not snap:
+                snap.refs += 1
+                self.backup[worker] = snap
+                if old is not None:
+                    old.refs -= 1
+        return Reply(worker, {"version": snap.version, **fields}, snap)
+
+    def _snapshot(self) -> Snapshot:
+        cur = self._current
+        if cur is not None and cur.version == self.version:
+            return cur
+        snap = Snapshot(self._acquire(), self.version)
+        snap.tensor.copy_(self.w)
+        if cur is not None:
+            self._retired.append(cur)
+        self._current = snap
+        return snap
+
+    def _acquire(self) -> Tensor:
+        """A buffer for a new snapshot: a released one if any, else a new one."""
+        still = []
+        for s in self._retired:
+            if s.busy:
+                still.append(s)
+            else:
+                self._free.append(s.tensor)
+        self._retired = still
+        del self._free[2:]  # keep a couple for reuse, let the rest go
+        return self._free.pop() if self._free else torch.empty(self.size)
