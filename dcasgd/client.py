@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import random
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -100,13 +101,9 @@ class Client:
         self.fingerprint = fingerprint
         self._own_ctx = context is None
         self._ctx = context or zmq.Context(io_threads=max(1, min(4, len(self.servers))))
-        self._socks: list[zmq.Socket] = []
-        for ep in self.servers:
-            s = self._ctx.socket(zmq.DEALER)
-            s.setsockopt(zmq.LINGER, 0)
-            s.connect(ep)
-            self._socks.append(s)
-        self._rids = itertools.count(1)
+        self._socks = [self._connect(ep) for ep in self.servers]
+        # Request ids start at random so that a restarted worker never repeats one the shard remembers.
+        self._rids = itertools.count(random.getrandbits(48))
         self._trash = bytearray()
         self.n: int | None = None
         self.ranges: list[tuple[int, int]] = []
@@ -213,6 +210,17 @@ class Client:
 
     # --- internals -------------------------------------------------------------------
 
+    def _connect(self, endpoint: str) -> zmq.Socket:
+        s = self._ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(endpoint)
+        return s
+
+    def _reset(self, s: int) -> None:
+        """Replace shard ``s``'s socket, discarding what is still queued for it."""
+        self._socks[s].close(linger=0)
+        self._socks[s] = self._connect(self.servers[s])
+
     def _adopt(self, n: int, fp: str) -> None:
         self.n = n
         self.ranges = shard_ranges(n, self.num_shards)
@@ -289,33 +297,43 @@ class Client:
             if big:
                 trackers.append(t)
 
-        for s in range(self.num_shards):
-            send(s)
         poller = zmq.Poller()
         for sock in self._socks:
             poller.register(sock, zmq.POLLIN)
         errors: list[ServerError] = []
-        while any(r is None for r in replies):
-            now = time.monotonic()
+        try:
             for s in range(self.num_shards):
-                if replies[s] is None and now >= deadline[s]:
-                    if tries[s] > self.retries:
-                        raise ShardTimeout(
-                            f"shard {s} ({self.servers[s]}) did not answer {op} from worker {self.worker_id} "
-                            f"within {self.timeout:.1f} s ({tries[s]} tries)"
-                        )
-                    send(s)  # same rid and seq: a push is applied at most once
-            wait = min(deadline[s] for s in range(self.num_shards) if replies[s] is None) - time.monotonic()
-            for sock, _ in poller.poll(max(0, int(wait * 1000)) + 1):
-                s = self._socks.index(sock)
-                reply = self._receive(s, rid, out, ranges)
-                if reply is None or replies[s] is not None:
-                    continue
-                replies[s] = reply
-                if not reply["ok"]:
-                    errors.append(ServerError(s, self.servers[s], reply.get("code", "?"), reply.get("msg", "")))
-        for t in trackers:  # the caller may reuse its tensor once we return
-            t.wait(self.timeout)
+                send(s)
+            while any(r is None for r in replies):
+                now = time.monotonic()
+                for s in range(self.num_shards):
+                    if replies[s] is None and now >= deadline[s]:
+                        if tries[s] > self.retries:
+                            raise ShardTimeout(
+                                f"shard {s} ({self.servers[s]}) did not answer {op} from worker {self.worker_id} "
+                                f"within {self.timeout:.1f} s ({tries[s]} tries)"
+                            )
+                        send(s)  # same rid and seq: the shard applies a push at most once
+                wait = min(deadline[s] for s in range(self.num_shards) if replies[s] is None) - time.monotonic()
+                for sock, _ in poller.poll(max(0, int(wait * 1000)) + 1):
+                    s = self._socks.index(sock)
+                    reply = self._receive(s, rid, out if replies[s] is None else None, ranges)
+                    if reply is None or replies[s] is not None:
+                        continue
+                    replies[s] = reply
+                    if not reply["ok"]:
+                        errors.append(ServerError(s, self.servers[s], reply.get("code", "?"), reply.get("msg", "")))
+        except BaseException:
+            # Unanswered requests may still sit in ZeroMQ's queues and reference the caller's
+            # tensor: drop them, so nothing is sent later from a buffer the caller reuses.
+            for s in range(self.num_shards):
+                if replies[s] is None:
+                    self._reset(s)
+            raise
+        finally:
+            for t in trackers:  # the caller may reuse its tensor once we return
+                if not t.done:
+                    t.wait(self.timeout)
         if errors:
             raise errors[0]
         return replies  # type: ignore[return-value]
@@ -330,9 +348,10 @@ class Client:
                 sock.recv_into(self._trash)
                 more = sock.getsockopt(zmq.RCVMORE)
             return None
-        if more:
-            if out is None:
-                raise DcasgdError(f"shard {s} sent weights that were not asked for")
+        if more and out is None:  # weights we already have (a repeated answer): skip them
+            while sock.getsockopt(zmq.RCVMORE):
+                sock.recv_into(self._trash)
+        elif more:
             lo, hi = ranges[s]
             view = out[lo:hi].numpy()
             got = sock.recv_into(view) if view.nbytes else sock.recv_into(self._trash)

@@ -11,7 +11,7 @@ Two kinds of bad input:
 - not a message at all (no header frame, a header that is too large, not msgpack,
   not a map): :class:`MalformedMessage`; the server drops it and counts it.
 - a message with a readable header that is wrong (unknown op, worker out of range,
-  wrong size, wrong dtype, wrong fingerprint, bad seq, wrong frame count):
+  wrong size, wrong dtype, wrong fingerprint, seq < 1, wrong frame count):
   :class:`ProtocolError` with a ``code``; the server answers with an error reply.
 """
 
@@ -95,8 +95,8 @@ def pack(header: dict[str, Any]) -> bytes:
 def unpack(data: bytes | memoryview, max_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> dict[str, Any]:
     """Decode a header frame, refusing anything that is not a small msgpack map.
 
-    Raises :class:`MalformedMessage`. ExtType values decode as inert objects
-    (no pickle, no code runs on receive) and are then refused by validation.
+    Raises :class:`MalformedMessage`. No pickle and no ext hook: nothing runs
+    on receive, and any msgpack ext value with a body makes the header malformed.
     """
     if len(data) > max_bytes:
         raise MalformedMessage(f"header of {len(data)} bytes exceeds {max_bytes}")
@@ -141,7 +141,7 @@ def validate_request(h: dict[str, Any], num_workers: int, payload_frames: int) -
     """
     rid = _int(h, "rid")
     v = h.get("v")
-    if v != PROTOCOL_VERSION:
+    if type(v) is not int or v != PROTOCOL_VERSION:
         raise ProtocolError(BAD_VERSION, f"protocol version {v!r}, this server speaks {PROTOCOL_VERSION}")
     op = h.get("op")
     if not isinstance(op, str) or op not in OPS:

@@ -23,6 +23,7 @@ With momentum ``mu > 0`` the (compensated) gradient ``d`` goes through
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -51,11 +52,11 @@ class RuleConfig:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"Invalid mode: {self.mode!r} (choose from {', '.join(MODES)})")
-        if not self.lr > 0.0:
+        if not (self.lr > 0.0 and math.isfinite(self.lr)):
             raise ValueError(f"Invalid learning rate: {self.lr}")
-        if not self.lam >= 0.0:
+        if not (self.lam >= 0.0 and math.isfinite(self.lam)):
             raise ValueError(f"Invalid lam: {self.lam}")
-        if not self.lam0 >= 0.0:
+        if not (self.lam0 >= 0.0 and math.isfinite(self.lam0)):
             raise ValueError(f"Invalid lam0: {self.lam0}")
         if not 0.0 <= self.ms_decay < 1.0:
             raise ValueError(f"Invalid ms_decay: {self.ms_decay}")
@@ -65,11 +66,14 @@ class RuleConfig:
             raise ValueError(f"Invalid momentum: {self.momentum}")
 
 
+def _check_momentum(momentum: float, momentum_buf: Tensor | None) -> None:
+    if momentum > 0.0 and momentum_buf is None:
+        raise ValueError("momentum > 0 needs a momentum buffer")
+
+
 def _apply_direction(w: Tensor, d: Tensor, lr: float, momentum: float, momentum_buf: Tensor | None) -> None:
     """w <- w - lr*d, or through the momentum buffer when momentum > 0."""
     if momentum > 0.0:
-        if momentum_buf is None:
-            raise ValueError("momentum > 0 needs a momentum buffer")
         momentum_buf.mul_(momentum).add_(d)
         w.add_(momentum_buf, alpha=-lr)
     else:
@@ -97,6 +101,7 @@ def asgd_step(
     reference: bool = False,
 ) -> None:
     """ASGD: ``w <- w - lr * g`` in place. ``w``, ``g``: 1-D float32, same length."""
+    _check_momentum(momentum, momentum_buf)
     if reference:
         _reference_asgd(w, g, lr, momentum, momentum_buf)
     else:
@@ -134,6 +139,7 @@ def dcasgd_step(
     """
     if w_bak.data_ptr() == w.data_ptr() and w.numel() > 0:
         raise ValueError("w_bak aliases w: the compensation term would always be zero")
+    _check_momentum(momentum, momentum_buf)
     if reference:
         _reference_dcasgd(w, g, w_bak, lr, lam, momentum, momentum_buf)
         return
@@ -178,6 +184,7 @@ def dcasgd_adaptive_step(
     """
     if w_bak.data_ptr() == w.data_ptr() and w.numel() > 0:
         raise ValueError("w_bak aliases w: the compensation term would always be zero")
+    _check_momentum(momentum, momentum_buf)
     if reference:
         _reference_dcasgd_adaptive(w, g, w_bak, ms, lr, lam0, ms_decay, eps, momentum, momentum_buf)
         return
@@ -222,8 +229,9 @@ def ssgd_step(
     """
     if count < 1:
         raise ValueError(f"a sync step needs at least one gradient, got {count}")
-    if reference:
-        _reference_asgd(w, grad_sum / count, lr, momentum, momentum_buf)
-        return
+    _check_momentum(momentum, momentum_buf)
     grad_sum.div_(count)
+    if reference:
+        _reference_asgd(w, grad_sum, lr, momentum, momentum_buf)
+        return
     _apply_direction(w, grad_sum, lr, momentum, momentum_buf)

@@ -60,7 +60,8 @@ class ShardServer:
         self.endpoint: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._stop = threading.Event()
         self.counters: Counter[str] = Counter()
-        self._route: dict[int, tuple[bytes, int, str]] = {}
+        # (identity, rid, op) of sync pushes waiting for their round, per worker.
+        self._deferred: dict[int, tuple[bytes, int, str]] = {}
 
     def stop(self) -> None:
         """Ask :meth:`serve` to return (safe from a signal handler or another thread)."""
@@ -95,7 +96,7 @@ class ShardServer:
                         break
                     self.handle(frames)
             for reply in self.shard.expire(time.monotonic()):
-                self._send_reply(reply)
+                self._send_reply(reply, self._deferred.pop(reply.worker, None))
 
     # --- one message ---------------------------------------------------------------
 
@@ -112,7 +113,7 @@ class ShardServer:
         except MalformedMessage as exc:
             self._drop(exc.reason)
             return
-        rid = h.get("rid") if isinstance(h.get("rid"), int) else None
+        rid = h.get("rid") if type(h.get("rid")) is int else None
         try:
             req = protocol.validate_request(h, self.config.num_workers, len(payloads))
             if req.nbytes is not None and len(payloads[0]) != req.nbytes:
@@ -120,26 +121,32 @@ class ShardServer:
                     protocol.BAD_SIZE, f"header says {req.nbytes} payload bytes, frame has {len(payloads[0])}"
                 )
             self.shard.check(req)
-            for reply in self._dispatch(ident, req, payloads):
-                self._send_reply(reply)
+            route = (ident, req.rid, req.op)
+            replies = self._dispatch(req, payloads)
+            answered = False
+            for reply in replies:
+                if reply.worker == req.worker:
+                    answered = True
+                    self._send_reply(reply, route)
+                else:  # a sync round completed: the others' answers go where they asked
+                    self._send_reply(reply, self._deferred.pop(reply.worker, None))
+            if not answered and req.op in protocol.PUSH_OPS:
+                self._deferred[req.worker] = route  # a sync push waits for its round
         except ProtocolError as exc:
             self.counters["errors"] += 1
             self.counters["error:" + exc.code] += 1
             log.debug("error reply %s to %r", exc, ident)
             self._send(ident, protocol.error_header(rid, exc.code, exc.message))
 
-    def _dispatch(self, ident: bytes, req: protocol.Request, payloads: list[zmq.Frame]) -> list[Reply]:
+    def _dispatch(self, req: protocol.Request, payloads: list[zmq.Frame]) -> list[Reply]:
         if req.op == "stats":
-            self._send(ident, protocol.ok_header(req.rid, "stats", self.stats()))
-            return []
-        # Where this worker's answer goes; a sync round answers it later, maybe after a retry.
-        self._route[req.worker] = (ident, req.rid, req.op)
+            return [Reply(req.worker, self.stats())]
         if req.op == "hello":
             return [Reply(req.worker, self.shard.hello(req.worker))]
         if req.op == "init":
             return [self.shard.init(req, _as_tensor(payloads[0]))]
         if req.op == "pull":
-            return [self.shard.pull(req.worker)]
+            return [self.shard.pull(req.worker, req.rid)]
         return self.shard.push(req, _as_tensor(payloads[0]), time.monotonic())
 
     def stats(self) -> dict[str, Any]:
@@ -150,8 +157,7 @@ class ShardServer:
 
     # --- replies -------------------------------------------------------------------
 
-    def _send_reply(self, reply: Reply) -> None:
-        route = self._route.get(reply.worker)
+    def _send_reply(self, reply: Reply, route: tuple[bytes, int, str] | None) -> None:
         if route is None:
             return
         ident, rid, op = route

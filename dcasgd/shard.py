@@ -75,7 +75,7 @@ class Snapshot:
     def __init__(self, tensor: Tensor, version: int) -> None:
         self.tensor = tensor
         self.version = version
-        self.refs = 0  # workers whose backup this is
+        self.refs = 0  # backups and remembered answers that use it
         self._holds: list[Completion] = []
 
     def hold(self, completion: Completion) -> None:
@@ -100,9 +100,11 @@ class Reply:
 
 @dataclass
 class _Pending:
+    rid: int
     seq: int
     lr: float
     want_weights: bool
+    staleness: int
 
 
 class ShardState:
@@ -124,6 +126,10 @@ class ShardState:
         self.updates = [0] * m
         self.staleness: Counter[int] = Counter()
         self.duplicates = 0
+        # Per worker, the last answer that carried weights, by request id: a retried
+        # request gets the very same answer, so the worker's backup stays the
+        # snapshot it actually holds.
+        self._answered: list[tuple[int, Reply] | None] = [None] * m
         self._ms: Tensor | None = None
         self._momentum: Tensor | None = None
         self._scratch: list[Tensor] = []
@@ -182,6 +188,7 @@ class ShardState:
 
     def hello(self, worker: int) -> dict[str, Any]:
         """What a worker learns when it (re)connects: job shape, model size, its last seq."""
+        self._remember(worker, None)  # a new session: its request ids start afresh
         return {
             "shard": self.config.shard,
             "num_shards": self.config.num_shards,
@@ -220,10 +227,16 @@ class ShardState:
             )
         return Reply(req.worker, {"version": self.version, "initialized": True})
 
-    def pull(self, worker: int) -> Reply:
-        """The current weights for ``worker``; they become its backup."""
+    def pull(self, worker: int, rid: int) -> Reply:
+        """The current weights for ``worker``; they become its backup.
+
+        A repeat of request ``rid`` gets the same answer as the first time.
+        """
         self.live.add(worker)
-        return self._weights_reply(worker, {})
+        repeat = self._repeat(worker, rid)
+        if repeat is not None:
+            return repeat
+        return self._remember(worker, rid, self._weights_reply(worker, {}))
 
     def push(self, req: Request, grad: Tensor, now: float) -> list[Reply]:
         """Apply (or, in sync mode, collect) ``grad`` from ``req.worker``.
@@ -241,9 +254,13 @@ class ShardState:
                 pending.want_weights = pending.want_weights or want
                 return []  # answered when the round completes
             self.duplicates += 1
-            return [self._push_reply(worker, want, {"duplicate": True, "applied_seq": self.last_seq[worker]})]
+            repeat = self._repeat(worker, req.rid)
+            if repeat is not None:
+                return [repeat]
+            fields = {"duplicate": True, "applied_seq": self.last_seq[worker]}
+            return [self._remember(worker, req.rid, self._push_reply(worker, want, fields))]
         if self.mode == "sync":
-            return self._sync_push(worker, req.seq, lr, want, grad, now)
+            return self._sync_push(req, lr, want, grad, now)
         staleness = self._record(worker, req.seq)
         w_bak = self.backup[worker].tensor if self.mode in DC_MODES else None
         r = self.config.rules
@@ -275,7 +292,7 @@ class ShardState:
                 scratch=self._scratch,
             )
         self.version += 1
-        return [self._push_reply(worker, want, {"staleness": staleness})]
+        return [self._remember(worker, req.rid, self._push_reply(worker, want, {"staleness": staleness}))]
 
     def expire(self, now: float) -> list[Reply]:
         """Close a sync round whose deadline passed, leaving out the workers that did not push."""
@@ -330,13 +347,14 @@ class ShardState:
         self.staleness[staleness] += 1
         return staleness
 
-    def _sync_push(self, worker: int, seq: int, lr: float, want: bool, grad: Tensor, now: float) -> list[Reply]:
+    def _sync_push(self, req: Request, lr: float, want: bool, grad: Tensor, now: float) -> list[Reply]:
+        worker = req.worker
         if worker in self._round:
             raise ProtocolError(ALREADY_PUSHED, f"worker {worker} already pushed for sync round {self.rounds}")
         self.live.add(worker)
-        self._record(worker, seq)
+        staleness = self._record(worker, req.seq)
         self._grad_sum.add_(grad)
-        self._round[worker] = _Pending(seq, lr, want)
+        self._round[worker] = _Pending(req.rid, req.seq, lr, want, staleness)
         if self._round_started is None:
             self._round_started = now
         if self.live <= set(self._round):
@@ -356,9 +374,31 @@ class ShardState:
         self._round = {}
         self._round_started = None
         return [
-            self._push_reply(m, p.want_weights, {"staleness": 0, "round_size": len(members)})
+            self._remember(
+                m, p.rid, self._push_reply(m, p.want_weights, {"staleness": p.staleness, "round_size": len(members)})
+            )
             for m, p in members.items()
         ]
+
+    def _repeat(self, worker: int, rid: int) -> Reply | None:
+        """The answer already given to request ``rid`` of ``worker``, marked as a duplicate."""
+        answered = self._answered[worker]
+        if answered is None or answered[0] != rid:
+            return None
+        first = answered[1]
+        return Reply(worker, {**first.fields, "duplicate": True}, first.snapshot)
+
+    def _remember(self, worker: int, rid: int | None, reply: Reply | None = None) -> Reply | None:
+        """Keep ``reply`` as the answer to ``rid`` (None forgets); its snapshot stays unchanged meanwhile."""
+        old = self._answered[worker]
+        if reply is not None and reply.snapshot is not None:
+            reply.snapshot.refs += 1
+            self._answered[worker] = (rid, reply)
+        else:
+            self._answered[worker] = None
+        if old is not None and old[1].snapshot is not None:
+            old[1].snapshot.refs -= 1
+        return reply
 
     def _push_reply(self, worker: int, want_weights: bool, fields: dict[str, Any]) -> Reply:
         if want_weights:

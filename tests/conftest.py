@@ -1,0 +1,134 @@
+"""Shared fixtures: shard servers as real processes on free 127.0.0.1 ports."""
+
+from __future__ import annotations
+
+import os
+import select
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import msgpack
+import pytest
+import zmq
+
+START_TIMEOUT = 30.0  # seconds for a shard process to report its endpoint
+
+
+class Cluster:
+    """Shard processes of one job; ``endpoints`` in shard order."""
+
+    def __init__(self, procs: list[subprocess.Popen], endpoints: list[str], logs: list[Path]) -> None:
+        self.procs = procs
+        self.endpoints = endpoints
+        self.logs = logs
+
+    def log(self, shard: int) -> str:
+        return self.logs[shard].read_text()
+
+
+def _read_endpoint(proc: subprocess.Popen, log: Path) -> str:
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+        if ready:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            if "listening on " in line:
+                return line.rsplit("listening on ", 1)[1].strip()
+    raise RuntimeError(f"shard did not start (exit code {proc.poll()}):\n{log.read_text()}")
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> int:
+    """SIGTERM, wait up to ``timeout`` s, then SIGKILL. Returns the exit code."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)
+    if proc.stdout:
+        proc.stdout.close()
+    return proc.returncode
+
+
+@contextmanager
+def start_cluster(tmp_path: Path, num_shards: int, num_workers: int, mode: str, *extra: str) -> Iterator[Cluster]:
+    """Start ``num_shards`` ``dcasgd server`` processes and stop them on exit."""
+    procs, endpoints, logs = [], [], []
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    try:
+        for s in range(num_shards):
+            log = tmp_path / f"shard{s}-{time.monotonic_ns()}.log"
+            cmd = [
+                sys.executable, "-m", "dcasgd", "server", "--bind", "tcp://127.0.0.1:0",
+                "--shard", str(s), "--num-shards", str(num_shards), "--num-workers", str(num_workers),
+                "--mode", mode, "--log-level", "DEBUG", *extra,
+            ]  # fmt: skip
+            with open(log, "w") as err:
+                procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env))
+            logs.append(log)
+            endpoints.append(_read_endpoint(procs[-1], log))
+        yield Cluster(procs, endpoints, logs)
+    finally:
+        for p in procs:
+            stop_process(p)
+
+
+@pytest.fixture
+def cluster_factory(tmp_path):
+    """``cluster_factory(num_shards, num_workers, mode, *extra_args)`` as a context manager."""
+
+    def factory(num_shards: int, num_workers: int, mode: str, *extra: str):
+        return start_cluster(tmp_path, num_shards, num_workers, mode, *extra)
+
+    return factory
+
+
+class RawPeer:
+    """A bare DEALER socket that speaks the wire format by hand, for hostile tests."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+
+    def send(self, *frames: bytes | dict, copy: bool = True) -> None:
+        parts = [msgpack.packb(f) if isinstance(f, dict) else f for f in frames]
+        self.sock.send_multipart(parts, copy=copy)
+
+    def recv(self, timeout: float = 10.0) -> tuple[dict, list[bytes]] | None:
+        """The next reply (header, payload frames), or None if none came within ``timeout`` s."""
+        if not self.sock.poll(int(timeout * 1000)):
+            return None
+        frames = self.sock.recv_multipart()
+        return msgpack.unpackb(frames[0], raw=False), frames[1:]
+
+    def request(self, *frames: bytes | dict, timeout: float = 10.0) -> tuple[dict, list[bytes]]:
+        self.send(*frames)
+        reply = self.recv(timeout)
+        assert reply is not None, f"no reply within {timeout} s"
+        return reply
+
+    def close(self) -> None:
+        self.sock.close()
+        self.ctx.term()
+
+
+@pytest.fixture
+def raw_peer():
+    peers: list[RawPeer] = []
+
+    def make(endpoint: str) -> RawPeer:
+        peers.append(RawPeer(endpoint))
+        return peers[-1]
+
+    yield make
+    for p in peers:
+        p.close()
