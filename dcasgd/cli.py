@@ -28,6 +28,7 @@ def _add_server(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eps", type=float, default=d.eps, help=f"DC-ASGD-a epsilon (default {d.eps})")
     p.add_argument("--momentum", type=float, default=d.momentum, help="server-side momentum mu (default 0)")
     p.add_argument("--sync-timeout", type=float, default=60.0, help="seconds a sync round waits (default 60)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads for the rules (default: one per core)")
     p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
 
 
@@ -60,7 +61,7 @@ def cmd_server(a: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"dcasgd server: {exc}", file=sys.stderr)
         return 2
-    return run_server(a.bind, cfg)
+    return run_server(a.bind, cfg, threads=a.threads)
 
 
 def format_stats(stats: dict[str, Any]) -> str:

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from . import protocol
 from .layout import flat_fingerprint, shard_ranges
+from .memory import keep_freed_memory
 
 _COPY_THRESHOLD = 64 * 1024  # below this ZeroMQ copies anyway, and tracking costs more than it saves
 
@@ -91,6 +92,7 @@ class Client:
         context: zmq.Context | None = None,
     ) -> None:
         self.servers = servers_from_env(servers)
+        keep_freed_memory()  # each reply would otherwise land in freshly faulted pages
         if worker_id < 0:
             raise ValueError(f"worker_id must be >= 0, got {worker_id}")
         if not timeout > 0:

@@ -20,6 +20,7 @@ import torch
 import zmq
 
 from . import protocol
+from .memory import keep_freed_memory
 from .protocol import MalformedMessage, ProtocolError
 from .shard import Reply, ShardConfig, ShardState
 
@@ -197,8 +198,14 @@ def _as_tensor(frame: zmq.Frame) -> torch.Tensor:
     return torch.frombuffer(frame.buffer, dtype=torch.float32)
 
 
-def run_server(bind: str, config: ShardConfig, **kwargs: Any) -> int:
-    """Run one shard in this process until SIGTERM or SIGINT; returns the exit code (0)."""
+def run_server(bind: str, config: ShardConfig, *, threads: int = 0, **kwargs: Any) -> int:
+    """Run one shard in this process until SIGTERM or SIGINT; returns the exit code (0).
+
+    ``threads``: torch intra-op threads for the rules (0: torch's default, one per core).
+    """
+    keep_freed_memory()
+    if threads > 0:
+        torch.set_num_threads(threads)
     server = ShardServer(bind, config, **kwargs)
 
     def _on_signal(signum: int, _frame: Any) -> None:

@@ -100,7 +100,7 @@ class Reply:
 
 @dataclass
 class _Pending:
-    rid: int
+    key: tuple[int, str]  # (rid, op) of the push
     seq: int
     lr: float
     want_weights: bool
@@ -126,10 +126,10 @@ class ShardState:
         self.updates = [0] * m
         self.staleness: Counter[int] = Counter()
         self.duplicates = 0
-        # Per worker, the last answer that carried weights, by request id: a retried
+        # Per worker, the last answer that carried weights, by (request id, op): a retried
         # request gets the very same answer, so the worker's backup stays the
         # snapshot it actually holds.
-        self._answered: list[tuple[int, Reply] | None] = [None] * m
+        self._answered: list[tuple[tuple[int, str], Reply] | None] = [None] * m
         self._ms: Tensor | None = None
         self._momentum: Tensor | None = None
         self._scratch: list[Tensor] = []
@@ -233,10 +233,10 @@ class ShardState:
         A repeat of request ``rid`` gets the same answer as the first time.
         """
         self.live.add(worker)
-        repeat = self._repeat(worker, rid)
+        repeat = self._repeat(worker, (rid, "pull"))
         if repeat is not None:
             return repeat
-        return self._remember(worker, rid, self._weights_reply(worker, {}))
+        return self._remember(worker, (rid, "pull"), self._weights_reply(worker, {}))
 
     def push(self, req: Request, grad: Tensor, now: float) -> list[Reply]:
         """Apply (or, in sync mode, collect) ``grad`` from ``req.worker``.
@@ -254,11 +254,11 @@ class ShardState:
                 pending.want_weights = pending.want_weights or want
                 return []  # answered when the round completes
             self.duplicates += 1
-            repeat = self._repeat(worker, req.rid)
+            repeat = self._repeat(worker, (req.rid, req.op))
             if repeat is not None:
                 return [repeat]
             fields = {"duplicate": True, "applied_seq": self.last_seq[worker]}
-            return [self._remember(worker, req.rid, self._push_reply(worker, want, fields))]
+            return [self._remember(worker, (req.rid, req.op), self._push_reply(worker, want, fields))]
         if self.mode == "sync":
             return self._sync_push(req, lr, want, grad, now)
         staleness = self._record(worker, req.seq)
@@ -292,7 +292,7 @@ class ShardState:
                 scratch=self._scratch,
             )
         self.version += 1
-        return [self._remember(worker, req.rid, self._push_reply(worker, want, {"staleness": staleness}))]
+        return [self._remember(worker, (req.rid, req.op), self._push_reply(worker, want, {"staleness": staleness}))]
 
     def expire(self, now: float) -> list[Reply]:
         """Close a sync round whose deadline passed, leaving out the workers that did not push."""
@@ -354,7 +354,7 @@ class ShardState:
         self.live.add(worker)
         staleness = self._record(worker, req.seq)
         self._grad_sum.add_(grad)
-        self._round[worker] = _Pending(req.rid, req.seq, lr, want, staleness)
+        self._round[worker] = _Pending((req.rid, req.op), req.seq, lr, want, staleness)
         if self._round_started is None:
             self._round_started = now
         if self.live <= set(self._round):
@@ -375,25 +375,25 @@ class ShardState:
         self._round_started = None
         return [
             self._remember(
-                m, p.rid, self._push_reply(m, p.want_weights, {"staleness": p.staleness, "round_size": len(members)})
+                m, p.key, self._push_reply(m, p.want_weights, {"staleness": p.staleness, "round_size": len(members)})
             )
             for m, p in members.items()
         ]
 
-    def _repeat(self, worker: int, rid: int) -> Reply | None:
-        """The answer already given to request ``rid`` of ``worker``, marked as a duplicate."""
+    def _repeat(self, worker: int, key: tuple[int, str]) -> Reply | None:
+        """The answer already given to request ``key`` = (rid, op) of ``worker``, marked as a duplicate."""
         answered = self._answered[worker]
-        if answered is None or answered[0] != rid:
+        if answered is None or answered[0] != key:
             return None
         first = answered[1]
         return Reply(worker, {**first.fields, "duplicate": True}, first.snapshot)
 
-    def _remember(self, worker: int, rid: int | None, reply: Reply | None = None) -> Reply | None:
-        """Keep ``reply`` as the answer to ``rid`` (None forgets); its snapshot stays unchanged meanwhile."""
+    def _remember(self, worker: int, key: tuple[int, str] | None, reply: Reply | None = None) -> Reply | None:
+        """Keep ``reply`` as the answer to ``key`` (None forgets); its snapshot stays unchanged meanwhile."""
         old = self._answered[worker]
         if reply is not None and reply.snapshot is not None:
             reply.snapshot.refs += 1
-            self._answered[worker] = (rid, reply)
+            self._answered[worker] = (key, reply)
         else:
             self._answered[worker] = None
         if old is not None and old[1].snapshot is not None:
