@@ -282,3 +282,14 @@ def test_status_prints_a_table_and_sigterm_exits_zero(cluster_factory):
         proc = cl.procs[0]
         proc.terminate()
         assert proc.wait(10) == 0
+
+
+@pytest.mark.timeout(60)
+def test_sigint_stops_a_shard_cleanly(cluster_factory):
+    import signal
+
+    with cluster_factory(1, 1, "sync") as cl:
+        proc = cl.procs[0]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(10) == 0
+        assert "signal 2, stopping" in cl.log(0)
