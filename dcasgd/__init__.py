@@ -2,12 +2,14 @@
 
 from .client import Client, DcasgdError, ServerError, ShardTimeout
 from .layout import FlatLayout, shard_ranges
+from .optim import DistributedOptimizer
 from .rules import MODES, RuleConfig
 
 __all__ = [
     "MODES",
     "Client",
     "DcasgdError",
+    "DistributedOptimizer",
     "FlatLayout",
     "RuleConfig",
     "ServerError",

@@ -12,7 +12,6 @@ names the shard that did not answer.
 from __future__ import annotations
 
 import itertools
-import os
 import random
 import time
 from collections.abc import Sequence
@@ -23,6 +22,7 @@ import zmq
 from torch import Tensor
 
 from . import protocol
+from .env import parse_servers
 from .layout import flat_fingerprint, shard_ranges
 from .memory import keep_freed_memory
 
@@ -46,20 +46,6 @@ class ServerError(DcasgdError):
         self.endpoint = endpoint
         self.code = code
         self.message = message
-
-
-def servers_from_env(servers: str | Sequence[str] | None) -> list[str]:
-    """The shard endpoints, in shard order: from ``servers`` or ``DCASGD_SERVERS``."""
-    if servers is None:
-        servers = os.environ.get("DCASGD_SERVERS")
-        if not servers:
-            raise DcasgdError("no servers given: pass servers=[...] or set DCASGD_SERVERS (comma-separated)")
-    if isinstance(servers, str):
-        servers = [s.strip() for s in servers.split(",") if s.strip()]
-    servers = list(servers)
-    if not servers:
-        raise DcasgdError("the list of servers is empty")
-    return servers
 
 
 class Client:
@@ -91,7 +77,7 @@ class Client:
         fingerprint: str | None = None,
         context: zmq.Context | None = None,
     ) -> None:
-        self.servers = servers_from_env(servers)
+        self.servers = list(parse_servers(servers))
         keep_freed_memory()  # each reply would otherwise land in freshly faulted pages
         if worker_id < 0:
             raise ValueError(f"worker_id must be >= 0, got {worker_id}")
@@ -146,16 +132,19 @@ class Client:
             self._adopt(replies[0]["n"], replies[0]["fp"])
         return replies
 
-    def init(self, w: Tensor) -> None:
+    def init(self, w: Tensor, layout: list[tuple[str, Sequence[int]]] | None = None) -> None:
         """Offer ``w`` (1-D float32, the whole model) as the job's initial weights.
 
         The first init a shard sees wins; later ones with the same layout are
         no-ops, and one with another layout is refused (:class:`ServerError`).
+        ``layout``: optional ``(name, shape)`` pairs the shards keep, so that a
+        worker with another model can be told how it differs.
         """
         w = _flat(w, "w")
         fp = self.fingerprint or flat_fingerprint(w.numel())
         ranges = shard_ranges(w.numel(), self.num_shards)
-        headers = [{"fp": fp, "n": w.numel(), "lo": lo, "hi": hi} for lo, hi in ranges]
+        extra = {"layout": [[name, list(shape)] for name, shape in layout]} if layout is not None else {}
+        headers = [{"fp": fp, "n": w.numel(), "lo": lo, "hi": hi, **extra} for lo, hi in ranges]
         self._call_all("init", headers, payload=w, ranges=ranges)
         self._adopt(w.numel(), fp)
 

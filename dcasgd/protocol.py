@@ -85,6 +85,7 @@ class Request:
     hi: int | None = None
     nbytes: int | None = None
     lr: float | None = None
+    layout: list[list[Any]] | None = None
 
 
 def pack(header: dict[str, Any]) -> bytes:
@@ -169,12 +170,32 @@ def validate_request(h: dict[str, Any], num_workers: int, payload_frames: int) -
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
             raise ProtocolError(BAD_LR, f"lr must be a finite number > 0, got {lr!r}")
         lr = float(lr)
-    n = lo_ = hi_ = None
+    n = lo_ = hi_ = layout = None
     if op == "init":
         n = _int(h, "n")
         lo_ = _int(h, "lo")
         hi_ = _int(h, "hi")
-    return Request(op=op, rid=rid, worker=worker, seq=seq, fp=fp, n=n, lo=lo_, hi=hi_, nbytes=nbytes, lr=lr)
+        layout = _layout(h.get("layout"))
+    return Request(
+        op=op, rid=rid, worker=worker, seq=seq, fp=fp, n=n, lo=lo_, hi=hi_, nbytes=nbytes, lr=lr, layout=layout
+    )
+
+
+def _layout(value: Any) -> list[list[Any]] | None:
+    """The optional ``layout`` of an init: ``[[name, [dim, ...]], ...]``, kept to explain mismatches."""
+    if value is None:
+        return None
+    ok = isinstance(value, list) and all(
+        isinstance(e, list)
+        and len(e) == 2
+        and isinstance(e[0], str)
+        and isinstance(e[1], list)
+        and all(type(d) is int and d >= 0 for d in e[1])
+        for e in value
+    )
+    if not ok:
+        raise ProtocolError(BAD_HEADER, "field 'layout' must be a list of [name, [dims...]] pairs")
+    return value
 
 
 def error_header(rid: int | None, code: str, message: str) -> dict[str, Any]:

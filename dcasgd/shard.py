@@ -116,6 +116,7 @@ class ShardState:
         m = config.num_workers
         self.initialized = False
         self.fp: str | None = None
+        self.layout: list[list[Any]] | None = None  # names and shapes, if the initializing worker sent them
         self.n = 0  # length of the whole model vector
         self.lo = self.hi = 0
         self.version = 0
@@ -196,6 +197,7 @@ class ShardState:
             "mode": self.mode,
             "initialized": self.initialized,
             "fp": self.fp,
+            "layout": self.layout,
             "n": self.n,
             "lo": self.lo,
             "hi": self.hi,
@@ -206,7 +208,7 @@ class ShardState:
     def init(self, req: Request, weights: Tensor) -> Reply:
         """Take ``weights`` (this shard's slice, float32) unless already initialized."""
         if not self.initialized:
-            self.n, self.lo, self.hi, self.fp = req.n, req.lo, req.hi, req.fp
+            self.n, self.lo, self.hi, self.fp, self.layout = req.n, req.lo, req.hi, req.fp, req.layout
             self.w = weights.detach().to(torch.float32).clone()
             size = self.size
             self._scratch = [torch.empty(size), torch.empty(size)]

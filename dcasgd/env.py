@@ -1,0 +1,67 @@
+"""Where a worker learns its job: arguments first, then the usual environment variables.
+
+The same training script runs under ``dcasgd launch``, docker compose, torchrun,
+SLURM or Kubernetes because each of them sets one of these variables.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+SERVERS = "DCASGD_SERVERS"
+WORKER_ID = ("DCASGD_WORKER_ID", "RANK", "SLURM_PROCID")
+NUM_WORKERS = ("DCASGD_NUM_WORKERS", "WORLD_SIZE", "SLURM_NTASKS")
+
+
+class JobConfigError(ValueError):
+    """A setting is missing or malformed; the message names the variable to set."""
+
+
+@dataclass(frozen=True)
+class WorkerEnv:
+    """This worker's place in the job."""
+
+    servers: tuple[str, ...]
+    worker_id: int
+    num_workers: int
+
+
+def _int_from(names: Sequence[str], what: str) -> int:
+    for name in names:
+        value = os.environ.get(name)
+        if value is not None and value.strip() != "":
+            try:
+                return int(value)
+            except ValueError:
+                raise JobConfigError(f"{name}={value!r} is not an integer ({what})") from None
+    raise JobConfigError(f"{what} is not set: pass it as an argument or set {', '.join(names[:-1])} or {names[-1]}")
+
+
+def parse_servers(servers: str | Sequence[str] | None) -> tuple[str, ...]:
+    """Shard endpoints in shard order, from ``servers`` or ``DCASGD_SERVERS`` (comma-separated)."""
+    if servers is None:
+        servers = os.environ.get(SERVERS, "")
+        if not servers.strip():
+            raise JobConfigError(f"no servers: pass servers=[...] or set {SERVERS} (comma-separated endpoints)")
+    if isinstance(servers, str):
+        servers = [s.strip() for s in servers.split(",") if s.strip()]
+    servers = tuple(servers)
+    if not servers:
+        raise JobConfigError("the list of servers is empty")
+    return servers
+
+
+def resolve(
+    servers: str | Sequence[str] | None = None, worker_id: int | None = None, num_workers: int | None = None
+) -> WorkerEnv:
+    """Fill what the caller did not give from the environment; raise JobConfigError naming what is missing."""
+    servers = parse_servers(servers)
+    wid = worker_id if worker_id is not None else _int_from(WORKER_ID, "the worker id")
+    n = num_workers if num_workers is not None else _int_from(NUM_WORKERS, "the number of workers")
+    if n < 1:
+        raise JobConfigError(f"the number of workers must be >= 1, got {n}")
+    if not 0 <= wid < n:
+        raise JobConfigError(f"worker id {wid} is not in [0, {n})")
+    return WorkerEnv(servers, wid, n)
