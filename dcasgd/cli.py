@@ -1,4 +1,4 @@
-"""The ``dcasgd`` command: ``server`` and ``status``."""
+"""The ``dcasgd`` command: ``server``, ``launch`` and ``status``."""
 
 from __future__ import annotations
 
@@ -13,23 +13,50 @@ from .server import DEFAULT_BIND, run_server
 from .shard import ShardConfig
 
 
+def _add_rule_options(p: argparse.ArgumentParser) -> list[argparse.Action]:
+    """The update rule's options: ``server`` uses them, ``launch`` passes them on to its shards."""
+    d = rules.RuleConfig()
+    return [
+        p.add_argument("--mode", choices=rules.MODES, default="dcasgd-a", help="update rule (default dcasgd-a)"),
+        p.add_argument("--lr", type=float, default=d.lr, help=f"lr when a push carries none (default {d.lr})"),
+        p.add_argument("--lam", type=float, default=d.lam, help=f"DC-ASGD-c lambda (default {d.lam})"),
+        p.add_argument("--lam0", type=float, default=d.lam0, help=f"DC-ASGD-a lambda_0 (default {d.lam0})"),
+        p.add_argument("--ms-decay", type=float, default=d.ms_decay, help=f"DC-ASGD-a m (default {d.ms_decay})"),
+        p.add_argument("--eps", type=float, default=d.eps, help=f"DC-ASGD-a epsilon (default {d.eps})"),
+        p.add_argument("--momentum", type=float, default=d.momentum, help="server-side momentum mu (default 0)"),
+        p.add_argument("--sync-timeout", type=float, default=60.0, help="seconds a sync round waits (default 60)"),
+    ]
+
+
 def _add_server(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("server", help="run one shard of the parameter server")
     p.add_argument("--bind", default=DEFAULT_BIND, help=f"ZeroMQ endpoint to bind (default {DEFAULT_BIND})")
     p.add_argument("--shard", type=int, default=0, help="this shard's index (default 0)")
     p.add_argument("--num-shards", type=int, default=1, help="shards in the job (default 1)")
     p.add_argument("--num-workers", type=int, required=True, help="workers in the job")
-    p.add_argument("--mode", choices=rules.MODES, default="dcasgd-a", help="update rule (default dcasgd-a)")
-    d = rules.RuleConfig()
-    p.add_argument("--lr", type=float, default=d.lr, help=f"lr when a push carries none (default {d.lr})")
-    p.add_argument("--lam", type=float, default=d.lam, help=f"DC-ASGD-c lambda (default {d.lam})")
-    p.add_argument("--lam0", type=float, default=d.lam0, help=f"DC-ASGD-a lambda_0 (default {d.lam0})")
-    p.add_argument("--ms-decay", type=float, default=d.ms_decay, help=f"DC-ASGD-a m (default {d.ms_decay})")
-    p.add_argument("--eps", type=float, default=d.eps, help=f"DC-ASGD-a epsilon (default {d.eps})")
-    p.add_argument("--momentum", type=float, default=d.momentum, help="server-side momentum mu (default 0)")
-    p.add_argument("--sync-timeout", type=float, default=60.0, help="seconds a sync round waits (default 60)")
+    _add_rule_options(p)
     p.add_argument("--threads", type=int, default=0, help="torch threads for the rules (default: one per core)")
     p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+
+
+def _add_launch(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "launch",
+        help="run a whole job on this machine: shards and workers as child processes",
+        usage="dcasgd launch [--shards N] [--workers M] [--mode MODE] [server options] -- COMMAND [ARGS ...]",
+        description="Start the shards on free 127.0.0.1 ports, then COMMAND once per worker with "
+        "DCASGD_SERVERS, DCASGD_WORKER_ID and DCASGD_NUM_WORKERS set; prefix each line of output with "
+        "its role; exit with the first non-zero exit code (a signal N counts as 128+N) and leave no "
+        "process behind.",
+    )
+    p.add_argument("--shards", type=int, default=1, help="shard processes (default 1)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    passed_on = [a for a in _add_rule_options(p) if a.dest != "mode"]  # mode is LocalCluster's own argument
+    passed_on.append(p.add_argument("--threads", type=int, default=1, help="torch threads per shard (default 1)"))
+    passed_on.append(p.add_argument("--log-level", default="INFO", help="the shards' logging level (default INFO)"))
+    p.add_argument("--start-timeout", type=float, default=30.0, help="seconds for the shards to start (default 30)")
+    p.add_argument("worker_command", nargs=argparse.REMAINDER, help="the worker command, after --")
+    p.set_defaults(server_options=[(a.option_strings[0], a.dest) for a in passed_on])
 
 
 def _add_status(sub: argparse._SubParsersAction) -> None:
@@ -42,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dcasgd", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_server(sub)
+    _add_launch(sub)
     _add_status(sub)
     return parser
 
@@ -62,6 +90,32 @@ def cmd_server(a: argparse.Namespace) -> int:
         print(f"dcasgd server: {exc}", file=sys.stderr)
         return 2
     return run_server(a.bind, cfg, threads=a.threads)
+
+
+def cmd_launch(a: argparse.Namespace) -> int:
+    from .launch import LaunchError, launch
+
+    command = a.worker_command[1:] if a.worker_command[:1] == ["--"] else a.worker_command
+    if not command:
+        print("usage: dcasgd launch [options] -- COMMAND [ARGS ...]", file=sys.stderr)
+        print("dcasgd launch: error: no worker command: give it after --, e.g. -- python train.py", file=sys.stderr)
+        return 2
+    server_args = [arg for opt, dest in a.server_options for arg in (opt, str(getattr(a, dest)))]
+    try:
+        return launch(
+            command,
+            shards=a.shards,
+            workers=a.workers,
+            mode=a.mode,
+            server_args=server_args,
+            start_timeout=a.start_timeout,
+        )
+    except ValueError as exc:
+        print(f"dcasgd launch: error: {exc}", file=sys.stderr)
+        return 2
+    except LaunchError as exc:
+        print(f"dcasgd launch: {exc}", file=sys.stderr)
+        return 1
 
 
 def format_stats(stats: dict[str, Any]) -> str:
@@ -115,7 +169,7 @@ def cmd_status(a: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    return {"server": cmd_server, "status": cmd_status}[a.command](a)
+    return {"server": cmd_server, "launch": cmd_launch, "status": cmd_status}[a.command](a)
 
 
 if __name__ == "__main__":

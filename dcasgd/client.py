@@ -355,6 +355,27 @@ class Client:
         return h
 
 
+def fetch_stats(endpoint: str, timeout: float = 5.0, context: zmq.Context | None = None) -> dict[str, Any]:
+    """One shard's stats, asked by an observer that is not a worker (``dcasgd status``, ``dcasgd demo``).
+
+    Raises :class:`ShardTimeout` after ``timeout`` seconds, :class:`ServerError` on an error reply.
+    """
+    ctx = context or zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(endpoint)
+        sock.send(protocol.pack({"v": protocol.PROTOCOL_VERSION, "op": "stats", "rid": 1}))
+        if not sock.poll(int(timeout * 1000)):
+            raise ShardTimeout(f"{endpoint} did not answer stats within {timeout:.1f} s")
+        h = protocol.unpack(sock.recv(), max_bytes=1 << 24)
+    finally:
+        sock.close()
+    if not h.get("ok"):
+        raise ServerError(h.get("shard", -1), endpoint, h.get("code", "?"), h.get("msg", ""))
+    return h
+
+
 def _flat(t: Tensor, name: str) -> Tensor:
     if not isinstance(t, Tensor) or t.dim() != 1 or t.dtype != torch.float32:
         raise ValueError(f"{name} must be a 1-D float32 tensor")

@@ -1,0 +1,454 @@
+"""A whole job on one machine: shards and workers as child processes, like ``torchrun``.
+
+:class:`LocalCluster` starts ``dcasgd server`` processes on free 127.0.0.1 ports,
+then the worker command once per worker with the job in its environment
+(``DCASGD_SERVERS``, ``DCASGD_WORKER_ID``, ``DCASGD_NUM_WORKERS``; see
+:mod:`dcasgd.env`), and prefixes every line a child prints with its role
+(``[shard0] ...``, ``[worker3] ...``). :func:`launch` is the ``dcasgd launch``
+command: start, wait, stop, and return the first non-zero exit code.
+
+Usage::
+
+    with LocalCluster([sys.executable, "train.py"], shards=2, workers=4, mode="dcasgd-a") as cluster:
+        cluster.start_servers()     # ["tcp://127.0.0.1:40001", "tcp://127.0.0.1:40002"]
+        cluster.start_workers()
+        code = cluster.wait()       # stops the shards when every worker exited 0
+
+How nothing is left behind (POSIX only):
+
+- Each child runs in its own session and process group (``start_new_session``),
+  and is stopped with ``os.killpg``: SIGTERM to the group, ``grace`` seconds,
+  then SIGKILL. Whatever the child started in its group (DataLoader workers, a
+  shell's children) goes with it. Its own session also keeps the terminal's
+  Ctrl-C away from the children: the launcher alone decides how they stop.
+- When a child exits, whatever is still left in its process group is killed at
+  once (SIGKILL). The group is signalled while the exited child is still a
+  zombie, so its id cannot have been reused by an unrelated process.
+- On Linux each child asks the kernel for SIGKILL when its parent dies
+  (``prctl(PR_SET_PDEATHSIG)``), so the shards and workers go even when the
+  launcher itself is SIGKILLed. The kernel sends it when the *thread* that
+  started the child ends, so start children from a thread that outlives them
+  (the main thread does). Their own children are not covered by this one case.
+
+Children read stdin from /dev/null; their stdout and stderr are merged into one
+pipe that a thread per child reads line by line.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TextIO
+
+from . import env as job_env
+from .rules import MODES
+
+_LISTENING = re.compile(r"^dcasgd shard (\d+)/(\d+) listening on (\S+)")
+_MAX_LINE = 64 * 1024  # a longer line is passed on in pieces, each with the prefix
+_TAIL_LINES = 40  # lines of a child's output kept for error messages
+_KILL_WAIT = 10.0  # seconds to wait for a SIGKILLed process to be reaped
+_PUMP_WAIT = 2.0  # seconds to wait for a child's pipe to close once every child has exited
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+# Options the launcher sets itself for every shard.
+_OWN_SERVER_OPTIONS = ("--bind", "--shard", "--num-shards", "--num-workers", "--mode")
+
+
+class LaunchError(RuntimeError):
+    """A child could not be started, or a shard did not report its endpoint in time."""
+
+
+class _Child:
+    """One child process, the thread that pumps its output and the one that reaps it."""
+
+    def __init__(self, kind: str, index: int, proc: subprocess.Popen) -> None:
+        self.kind = kind  # "shard" or "worker"
+        self.index = index
+        self.role = f"{kind}{index}"
+        self.proc = proc
+        self.endpoint: str | None = None  # a shard's, once it printed its "listening on" line
+        self.tail: deque[str] = deque(maxlen=_TAIL_LINES)
+        self.returncode: int | None = None
+        self.exited = threading.Event()
+        # Held while the group is signalled and while the child is reaped: a group is only
+        # signalled while its leader is alive or a zombie, so its id is still ours.
+        self.lock = threading.Lock()
+        self.pump: threading.Thread | None = None
+        self.reaper: threading.Thread | None = None
+
+
+class LocalCluster:
+    """Shards and workers of one job as child processes of this one.
+
+    ``command``: the worker command, run once per worker (e.g. ``["python", "train.py"]``).
+    ``shards``, ``workers``: how many of each. ``mode``: the shards' update rule.
+    ``server_args``: more ``dcasgd server`` options (``--lr``, ``--momentum``, ...);
+    shards get ``--threads 1`` unless these set ``--threads``. ``env``: variables
+    added to this process's environment for every child. Workers also get
+    ``OMP_NUM_THREADS=1`` unless it is set (as ``torchrun`` does: many processes
+    share few cores) and ``PYTHONUNBUFFERED=1``. ``output``: where the prefixed
+    lines go (default ``sys.stdout``); ``quiet=True`` drops them. ``start_timeout``:
+    seconds for all shards to report their endpoints. ``grace``: seconds between
+    SIGTERM and SIGKILL when the job is stopped.
+    """
+
+    def __init__(
+        self,
+        command: Sequence[str],
+        *,
+        shards: int = 1,
+        workers: int = 1,
+        mode: str = "dcasgd-a",
+        server_args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        output: TextIO | None = None,
+        quiet: bool = False,
+        start_timeout: float = 30.0,
+        grace: float = 5.0,
+    ) -> None:
+        if not command:
+            raise ValueError("no worker command given")
+        if shards < 1:
+            raise ValueError(f"shards must be >= 1, got {shards}")
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}: one of {', '.join(MODES)}")
+        own = [a for a in server_args if a.split("=", 1)[0] in _OWN_SERVER_OPTIONS]
+        if own:
+            raise ValueError(f"server_args must not set {', '.join(own)}: the launcher sets them")
+        self.command = list(command)
+        self.num_shards = shards
+        self.num_workers = workers
+        self.mode = mode
+        self.server_args = list(server_args)
+        if not any(a.split("=", 1)[0] == "--threads" for a in server_args):
+            self.server_args += ["--threads", "1"]
+        self.env = dict(env or {})
+        self.start_timeout = start_timeout
+        self.grace = grace
+        self._output: TextIO | None = None if quiet else (output if output is not None else sys.stdout)
+        self._output_lock = threading.Lock()
+        self._cond = threading.Condition()  # notified when a shard reports its endpoint or a pipe closes
+        self._exits: queue.Queue[_Child] = queue.Queue()  # children in the order they exited
+        self._shards: list[_Child] = []
+        self._workers: list[_Child] = []
+        self._workers_done = 0  # workers whose exit wait() has seen
+        self._stopping = False
+        self._stopped = False
+        self._result: int | None = None
+
+    # --- public API ------------------------------------------------------------------
+
+    @property
+    def endpoints(self) -> list[str]:
+        """The shards' endpoints in shard order (empty before :meth:`start_servers`)."""
+        return [c.endpoint for c in self._shards if c.endpoint is not None]
+
+    @property
+    def pids(self) -> dict[str, int]:
+        """The pid of every child started so far, by role (``shard0``, ``worker3``, ...)."""
+        return {c.role: c.proc.pid for c in self._shards + self._workers}
+
+    def start_servers(self) -> list[str]:
+        """Start the shards and wait until each reports its endpoint; returns them in shard order.
+
+        Raises :class:`LaunchError`, naming the shard and showing its output, if a shard
+        exits or does not report within ``start_timeout`` seconds; everything started is
+        stopped first.
+        """
+        if self._shards:
+            raise RuntimeError("start_servers() was already called")
+        base = {**os.environ, **self.env}
+        base.setdefault("PYTHONUNBUFFERED", "1")
+        for s in range(self.num_shards):
+            cmd = [
+                sys.executable, "-m", "dcasgd", "server", "--bind", "tcp://127.0.0.1:0", "--shard", str(s),
+                "--num-shards", str(self.num_shards), "--num-workers", str(self.num_workers), "--mode", self.mode,
+                *self.server_args,
+            ]  # fmt: skip
+            self._shards.append(self._spawn("shard", s, cmd, base))
+        deadline = time.monotonic() + self.start_timeout
+        failed: tuple[_Child, str] | None = None
+        with self._cond:
+            while failed is None:
+                pending = [c for c in self._shards if c.endpoint is None]
+                if not pending:
+                    break
+                dead = [c for c in pending if c.exited.is_set() or (c.pump is not None and not c.pump.is_alive())]
+                remaining = deadline - time.monotonic()
+                if dead:
+                    failed = (dead[0], "exited before reporting its endpoint")
+                elif remaining <= 0:
+                    failed = (pending[0], f"did not report its endpoint within {self.start_timeout:.1f} s")
+                else:
+                    self._cond.wait(remaining)
+        if failed is not None:
+            child, what = failed
+            self.stop(grace=1.0)  # also reads the rest of its output
+            code = f" (exit code {_exit_code(child.returncode)})" if child.returncode is not None else ""
+            out = "\n".join("  " + line for line in child.tail) or "  (no output)"
+            raise LaunchError(f"shard {child.index} {what}{code}; its output:\n{out}")
+        for c in self._shards:
+            self._say(f"shard {c.index} pid {c.proc.pid} {c.endpoint}")
+        return self.endpoints
+
+    def start_workers(self) -> None:
+        """Start the worker command once per worker, with the job in its environment."""
+        if len(self.endpoints) != self.num_shards:
+            raise RuntimeError("start_servers() first")
+        if self._workers:
+            raise RuntimeError("start_workers() was already called")
+        base = {**os.environ, **self.env}
+        base.setdefault("OMP_NUM_THREADS", "1")
+        base.setdefault("PYTHONUNBUFFERED", "1")
+        base[job_env.SERVERS] = ",".join(self.endpoints)
+        base[job_env.NUM_WORKERS[0]] = str(self.num_workers)
+        for i in range(self.num_workers):
+            child = self._spawn("worker", i, self.command, {**base, job_env.WORKER_ID[0]: str(i)})
+            self._workers.append(child)
+            self._say(f"worker {i} pid {child.proc.pid}")
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait until every worker has exited; returns the job's exit code.
+
+        The moment a worker exits with a non-zero code (a signal counts as 128 + its
+        number), everything else is stopped and that code returned. A shard that exits
+        while workers run stops the job too (its code, or 1). When all workers exit 0
+        the shards are stopped (SIGTERM) and 0 returned. Raises :class:`TimeoutError`
+        if ``timeout`` seconds pass first; the processes keep running then.
+        """
+        if self._result is not None:
+            return self._result
+        if not self._workers:
+            raise RuntimeError("start_workers() first")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._workers_done < self.num_workers:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                child = self._exits.get(timeout=remaining)
+            except queue.Empty:
+                running = [c.role for c in self._workers if not c.exited.is_set()]
+                raise TimeoutError(f"workers still running after {timeout} s: {', '.join(running)}") from None
+            code = _exit_code(child.returncode)
+            if child.kind == "worker":
+                self._workers_done += 1
+            if child.kind == "worker" and code != 0:
+                self._say(f"worker {child.index} {_describe(child.returncode)}; stopping the job")
+                return self._finish(code)
+            if child.kind == "shard" and not self._stopping:
+                self._say(f"shard {child.index} {_describe(child.returncode)} while workers ran; stopping the job")
+                return self._finish(code or 1)
+        self._say(f"all {self.num_workers} workers exited with code 0; stopping the shards")
+        return self._finish(0)
+
+    def stop(self, grace: float | None = None) -> None:
+        """Stop every child: SIGTERM to its process group, up to ``grace`` s, then SIGKILL.
+
+        ``grace`` defaults to the cluster's. Idempotent; also waits for the output
+        threads to pass on the children's last lines.
+        """
+        if self._stopped:
+            return
+        if grace is None:
+            grace = self.grace
+        self._stopping = True
+        children = self._shards + self._workers
+        for c in children:
+            _signal_if_running(c, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for c in children:
+            c.exited.wait(max(0.0, deadline - time.monotonic()))
+        for c in children:
+            if _signal_if_running(c, signal.SIGKILL):
+                self._say(f"{c.kind} {c.index} still ran {grace:.1f} s after SIGTERM; sent SIGKILL")
+        deadline = time.monotonic() + _KILL_WAIT
+        for c in children:
+            if not c.exited.wait(max(0.0, deadline - time.monotonic())):
+                self._say(f"{c.kind} {c.index} (pid {c.proc.pid}) did not exit after SIGKILL")
+        deadline = time.monotonic() + _PUMP_WAIT
+        for c in children:
+            if c.pump is not None:
+                c.pump.join(max(0.0, deadline - time.monotonic()))
+                if c.pump.is_alive():  # a process that left the group holds the pipe
+                    self._say(f"{c.kind} {c.index}'s output is still open; not waiting for it")
+        self._stopped = True
+
+    def __enter__(self) -> LocalCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # --- children --------------------------------------------------------------------
+
+    def _spawn(self, kind: str, index: int, cmd: Sequence[str], env: Mapping[str, str]) -> _Child:
+        try:
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                env=dict(env),
+                start_new_session=True,
+                preexec_fn=_die_with_parent(),
+            )
+        except OSError as exc:
+            self.stop()
+            raise LaunchError(f"cannot start {kind} {index} ({' '.join(cmd)}): {exc}") from exc
+        child = _Child(kind, index, proc)
+        child.pump = threading.Thread(target=self._pump, args=(child,), name=f"dcasgd-{child.role}-output", daemon=True)
+        child.reaper = threading.Thread(target=self._reap, args=(child,), name=f"dcasgd-{child.role}-wait", daemon=True)
+        child.pump.start()
+        child.reaper.start()
+        return child
+
+    def _pump(self, child: _Child) -> None:
+        """Pass on the child's lines with its prefix; note a shard's endpoint."""
+        assert child.proc.stdout is not None
+        with child.proc.stdout as pipe:
+            for raw in iter(lambda: pipe.readline(_MAX_LINE), b""):
+                line = raw.decode(errors="replace").rstrip("\r\n")
+                child.tail.append(line)
+                if child.kind == "shard" and child.endpoint is None:
+                    m = _LISTENING.match(line)
+                    if m is not None and int(m.group(1)) == child.index:
+                        with self._cond:
+                            child.endpoint = m.group(3)
+                            self._cond.notify_all()
+                self._write(f"[{child.role}] {line}\n")
+        with self._cond:
+            self._cond.notify_all()
+
+    def _reap(self, child: _Child) -> None:
+        """Wait for the child to exit, kill what is left of its group, reap it, report the exit."""
+        pid = child.proc.pid
+        if hasattr(os, "waitid"):
+            try:  # wait without reaping: the zombie keeps the group's id ours while we signal it
+                os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+            except ChildProcessError:
+                pass
+        with child.lock:
+            _killpg(pid, signal.SIGKILL)
+            child.returncode = child.proc.wait()
+            child.exited.set()
+        self._exits.put(child)
+        with self._cond:
+            self._cond.notify_all()
+
+    def _finish(self, code: int) -> int:
+        self.stop()
+        self._result = code
+        return code
+
+    # --- output ----------------------------------------------------------------------
+
+    def _say(self, message: str) -> None:
+        self._write(f"[launch] {message}\n")
+
+    def _write(self, text: str) -> None:
+        with self._output_lock:
+            if self._output is None:
+                return
+            try:
+                self._output.write(text)
+                self._output.flush()
+            except (OSError, ValueError):  # closed, or a broken pipe: keep draining the children, silently
+                self._output = None
+
+
+def launch(command: Sequence[str], **kwargs: Any) -> int:
+    """Run one job to its end: start the shards, then the workers, wait; returns the exit code.
+
+    ``kwargs`` are :class:`LocalCluster`'s. Ctrl-C (SIGINT) stops everything and returns
+    130; SIGTERM, when this runs in the main thread, returns 143 the same way. A second
+    Ctrl-C while stopping skips the grace period.
+    """
+    cluster = LocalCluster(command, **kwargs)
+    in_main = threading.current_thread() is threading.main_thread()
+    old_term = signal.signal(signal.SIGTERM, _raise_terminated) if in_main else None
+    try:
+        cluster.start_servers()
+        cluster.start_workers()
+        return cluster.wait()
+    except KeyboardInterrupt:
+        cluster._say("interrupted (SIGINT); stopping all processes")
+        return 128 + signal.SIGINT
+    except _Terminated:
+        cluster._say("terminated (SIGTERM); stopping all processes")
+        return 128 + signal.SIGTERM
+    finally:
+        try:
+            cluster.stop()
+        except (KeyboardInterrupt, _Terminated):
+            cluster.stop(grace=0.0)
+        if in_main:
+            signal.signal(signal.SIGTERM, old_term if old_term is not None else signal.SIG_DFL)
+
+
+class _Terminated(Exception):
+    """SIGTERM arrived while :func:`launch` ran in the main thread."""
+
+
+def _raise_terminated(_signum: int, _frame: object) -> None:
+    raise _Terminated
+
+
+def _exit_code(returncode: int | None) -> int:
+    """A shell's exit code: a death by signal N is 128 + N."""
+    if returncode is None:
+        return 0
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def _describe(returncode: int | None) -> str:
+    if returncode is not None and returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"was killed by {name} (exit code {_exit_code(returncode)})"
+    return f"exited with code {returncode}"
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass  # the group is empty (or holds only what we may not signal)
+
+
+def _signal_if_running(child: _Child, sig: int) -> bool:
+    """Signal the child's process group if the child has not been reaped; True if it was signalled."""
+    with child.lock:
+        if child.exited.is_set():
+            return False
+        _killpg(child.proc.pid, sig)
+        return True
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child get SIGKILL when its parent dies (Linux), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+    sigkill = int(signal.SIGKILL)
+
+    def preexec() -> None:  # runs in the child between fork and exec: keep it tiny
+        prctl(_PR_SET_PDEATHSIG, sigkill)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os.kill(os.getpid(), sigkill)
+
+    return preexec

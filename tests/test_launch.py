@@ -1,0 +1,235 @@
+"""``dcasgd launch`` and ``LocalCluster`` through real processes: exit codes, output, nothing left behind."""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from dcasgd import cli
+from dcasgd.launch import LaunchError, LocalCluster, launch
+
+pytestmark = [
+    pytest.mark.timeout(60),
+    pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="checks for leftover processes with pidfd_open (Linux)"),
+]
+
+# A real worker: worker 0 offers the weights, all pull and push through the shards.
+TRAIN = """
+import os, torch, dcasgd
+from dcasgd.env import resolve
+
+job = resolve()
+c = dcasgd.Client(job.servers, job.worker_id, timeout=20.0)
+n = 1000
+if job.worker_id == 0:
+    c.init(torch.zeros(n))
+c.wait_initialized(20.0)
+w = c.pull()
+for _ in range(3):
+    w = c.push_pull(torch.ones(n), out=w)  # no lr: the shards' --lr applies
+# async with --lr 0.5: every push moved every weight by -0.5, and this worker made 3 of them
+assert c.mode == "async" and (w == w[0]).all() and w[0] <= -1.5 and (w[0] / -0.5).item().is_integer(), w[0]
+print(f"worker {job.worker_id}/{job.num_workers} shards {c.num_shards} OMP {os.environ['OMP_NUM_THREADS']} done")
+c.close()
+"""
+
+# A worker that runs until it is killed, with a grandchild unless NO_GRANDCHILD is set; worker FAIL_ID
+# exits with FAIL_CODE at once, a worker in STUBBORN ignores SIGTERM.
+LINGER = """
+import os, signal, subprocess, sys
+
+wid = os.environ["DCASGD_WORKER_ID"]
+if wid == os.environ.get("FAIL_ID"):
+    sys.exit(int(os.environ["FAIL_CODE"]))
+if wid in os.environ.get("STUBBORN", "").split(","):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+if os.environ.get("NO_GRANDCHILD"):
+    print("ready", flush=True)
+else:
+    child = subprocess.Popen(["sleep", "300"])
+    print(f"ready grandchild {child.pid}", flush=True)
+while True:
+    signal.pause()
+"""
+
+
+class Lines:
+    """A text stream the launcher writes into and a test waits on."""
+
+    def __init__(self) -> None:
+        self._text = ""
+        self._cond = threading.Condition()
+
+    def write(self, s: str) -> int:
+        with self._cond:
+            self._text += s
+            self._cond.notify_all()
+        return len(s)
+
+    def flush(self) -> None:
+        pass
+
+    @property
+    def text(self) -> str:
+        with self._cond:
+            return self._text
+
+    def wait_for(self, pattern: str, count: int = 1, timeout: float = 30.0) -> list[str]:
+        """Wait until ``pattern`` (a regex, per line) matched ``count`` lines; returns the first group of each."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while len(found := re.findall(pattern, self._text, re.M)) < count:
+                remaining = deadline - time.monotonic()
+                assert remaining > 0, f"{count} lines like {pattern!r} not seen in {timeout} s; output:\n{self._text}"
+                self._cond.wait(remaining)
+            return found
+
+
+def script(tmp_path: Path, name: str, text: str) -> list[str]:
+    path = tmp_path / name
+    path.write_text(text)
+    return [sys.executable, str(path)]
+
+
+def launched_pids(output: str) -> list[int]:
+    """Every pid the launcher and the workers reported: shards, workers, grandchildren."""
+    pids = re.findall(r"^\[launch\] (?:shard|worker) \d+ pid (\d+)", output, re.M)
+    pids += re.findall(r"^\[worker\d+\] ready grandchild (\d+)", output, re.M)
+    return [int(p) for p in pids]
+
+
+def assert_all_gone(pids: list[int], timeout: float = 10.0) -> None:
+    """Each pid exits within ``timeout`` s (a zombie counts as gone: the process has ended)."""
+    assert pids
+    deadline = time.monotonic() + timeout
+    alive = []
+    for pid in pids:
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            continue
+        try:
+            if not select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                alive.append(pid)
+        finally:
+            os.close(fd)
+    assert not alive, f"processes left behind: {alive}"
+
+
+def test_happy_path_through_the_cli(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cmd = script(tmp_path, "train.py", TRAIN)
+    args = ["launch", "--shards", "2", "--workers", "3", "--mode", "async", "--lr", "0.5", "--", *cmd]
+    code = cli.main(args)
+    out = capsys.readouterr().out
+    assert code == 0, out
+    for i in range(3):
+        assert re.search(rf"^\[worker{i}\] worker {i}/3 shards 2 OMP 1 done$", out, re.M), out
+    assert re.search(r"^\[launch\] shard 1 pid \d+ tcp://127\.0\.0\.1:\d+$", out, re.M), out
+    assert re.search(r"^\[shard1\] dcasgd shard 1/2 listening on ", out, re.M), out
+    assert re.search(r"^\[shard0\] .*shard 0: signal 15, stopping$", out, re.M), out  # stopped by SIGTERM
+    assert "[launch] all 3 workers exited with code 0; stopping the shards" in out
+    assert len(launched_pids(out)) == 5
+    assert_all_gone(launched_pids(out))
+
+
+def test_a_failing_worker_stops_the_job(tmp_path):
+    lines = Lines()
+    started = time.monotonic()
+    code = launch(
+        script(tmp_path, "linger.py", LINGER), workers=3, env={"FAIL_ID": "0", "FAIL_CODE": "3"}, output=lines
+    )
+    assert code == 3, lines.text
+    assert "[launch] worker 0 exited with code 3; stopping the job" in lines.text
+    assert time.monotonic() - started < 15.0  # the others went at SIGTERM, not after a timeout of their own
+    assert "sent SIGKILL" not in lines.text
+    assert_all_gone(launched_pids(lines.text))
+
+
+def test_a_killed_worker_stops_the_job_and_its_grandchildren(tmp_path):
+    lines = Lines()
+    cluster = LocalCluster(
+        script(tmp_path, "linger.py", LINGER), workers=2, env={"STUBBORN": "0"}, output=lines, grace=0.5
+    )
+    with cluster:
+        cluster.start_servers()
+        cluster.start_workers()
+        grandchildren = [int(p) for p in lines.wait_for(r"^\[worker\d\] ready grandchild (\d+)$", count=2)]
+        os.kill(cluster.pids["worker1"], signal.SIGKILL)
+        assert cluster.wait(timeout=30.0) == 137, lines.text
+    assert "[launch] worker 1 was killed by SIGKILL (exit code 137); stopping the job" in lines.text
+    assert "[launch] worker 0 still ran 0.5 s after SIGTERM; sent SIGKILL" in lines.text  # it ignores SIGTERM
+    assert_all_gone([*cluster.pids.values(), *grandchildren])
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupting_the_launcher_stops_everything(tmp_path, sig, code):
+    cmd = [sys.executable, "-m", "dcasgd", "launch", "--workers", "2", "--", *script(tmp_path, "linger.py", LINGER)]
+
+    def default_sigint() -> None:  # a runner started in the background may hand us SIGINT ignored
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=default_sigint)
+    lines = Lines()
+    reader = threading.Thread(target=lambda: [lines.write(line) for line in proc.stdout], daemon=True)
+    reader.start()
+    try:
+        lines.wait_for(r"^\[worker\d\] ready grandchild (\d+)$", count=2)
+        proc.send_signal(sig)
+        assert proc.wait(timeout=30) == code, lines.text
+    finally:
+        if proc.poll() is None:
+            proc.kill()  # its children get SIGKILL from the kernel (PR_SET_PDEATHSIG)
+            proc.wait()
+    reader.join(10)
+    assert "stopping all processes" in lines.text
+    assert len(launched_pids(lines.text)) == 5
+    assert_all_gone(launched_pids(lines.text))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_children_die_with_a_killed_launcher(tmp_path):
+    cmd = [sys.executable, "-m", "dcasgd", "launch", "--workers", "2", "--", *script(tmp_path, "linger.py", LINGER)]
+    env = {**os.environ, "NO_GRANDCHILD": "1"}  # the kernel's parent-death signal reaches children only
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines = Lines()
+    reader = threading.Thread(target=lambda: [lines.write(line) for line in proc.stdout], daemon=True)
+    reader.start()
+    try:
+        lines.wait_for(r"^\[worker\d\] (ready)$", count=2)
+    finally:
+        proc.kill()  # no chance to clean up: SIGKILL
+        proc.wait()
+    reader.join(10)
+    assert len(launched_pids(lines.text)) == 3
+    assert_all_gone(launched_pids(lines.text))
+
+
+@pytest.mark.parametrize("argv", [["launch", "--workers", "2", "--"], ["launch", "--workers", "2"]])
+def test_launch_without_a_command_is_a_usage_error(capsys, argv):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "usage: dcasgd launch" in err and "no worker command: give it after --" in err
+
+
+def test_server_options_the_launcher_sets_are_refused():
+    with pytest.raises(ValueError, match="must not set --bind"):
+        LocalCluster(["true"], server_args=["--bind", "tcp://127.0.0.1:5555"])
+
+
+def test_a_shard_that_fails_to_start_is_named_with_its_output(tmp_path):
+    lines = Lines()
+    with LocalCluster(["true"], shards=2, server_args=["--lr", "fast"], output=lines) as cluster:
+        with pytest.raises(LaunchError, match=r"shard \d exited before reporting its endpoint \(exit code 2\)") as e:
+            cluster.start_servers()
+    assert "invalid float value: 'fast'" in str(e.value)
+    assert_all_gone(list(cluster.pids.values()))
