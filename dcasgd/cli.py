@@ -65,12 +65,25 @@ def _add_status(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each shard (default 5)")
 
 
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="train examples/train_digits.py on a local cluster and print time and test accuracy",
+    )
+    p.add_argument("--mode", choices=rules.MODES, default="dcasgd-a", help="update rule (default dcasgd-a)")
+    p.add_argument("--compare", action="store_true", help="run all four modes back to back and print a table")
+    p.add_argument("--workers", type=int, default=4, help="worker processes (default 4)")
+    p.add_argument("--shards", type=int, default=2, help="shard processes (default 2)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per worker (default: the example's)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dcasgd", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_server(sub)
     _add_launch(sub)
     _add_status(sub)
+    _add_demo(sub)
     return parser
 
 
@@ -140,36 +153,31 @@ def format_stats(stats: dict[str, Any]) -> str:
 
 
 def cmd_status(a: argparse.Namespace) -> int:
-    import zmq
+    from .client import DcasgdError, fetch_stats
 
-    from . import protocol
-
-    ctx = zmq.Context()
     code = 0
     for ep in a.endpoints:
-        sock = ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(ep)
-        sock.send(protocol.pack({"v": protocol.PROTOCOL_VERSION, "op": "stats", "rid": 1}))
-        if sock.poll(int(a.timeout * 1000)):
-            h = protocol.unpack(sock.recv(), max_bytes=1 << 24)
-            if h.get("ok"):
-                print(f"== {ep}")
-                print(format_stats(h))
-            else:
-                print(f"{ep}: error {h.get('code')}: {h.get('msg')}", file=sys.stderr)
-                code = 1
-        else:
-            print(f"{ep}: no answer within {a.timeout:.1f} s", file=sys.stderr)
+        try:
+            stats = fetch_stats(ep, timeout=a.timeout)
+        except DcasgdError as exc:
+            print(f"dcasgd status: {exc}", file=sys.stderr)
             code = 1
-        sock.close()
-    ctx.term()
+            continue
+        print(f"== {ep}")
+        print(format_stats(stats))
     return code
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from . import demo
+
+    return demo.main(a.mode, a.compare, a.workers, a.shards, a.epochs)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    return {"server": cmd_server, "launch": cmd_launch, "status": cmd_status}[a.command](a)
+    commands = {"server": cmd_server, "launch": cmd_launch, "status": cmd_status, "demo": cmd_demo}
+    return commands[a.command](a)
 
 
 if __name__ == "__main__":
