@@ -31,3 +31,12 @@ def test_compare_runs_every_mode():
     runs = demo("--compare", "--workers", "2", "--shards", "1", "--epochs", "3", timeout=230)
     assert [r.group(1) for r in runs] == ["sync", "async", "dcasgd", "dcasgd-a"]
     assert all(float(r.group(5)) > 0.5 for r in runs)
+
+
+@pytest.mark.timeout(120)
+def test_low_level_quickstart_example_runs():
+    out = subprocess.run([sys.executable, "examples/quickstart.py", "--workers", "2", "--shards", "2", "--epochs", "4"],
+                         capture_output=True, text=True, timeout=110)  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    accuracy = float(re.search(r"test accuracy ([\d.]+)", out.stdout).group(1))
+    assert accuracy > 0.8
