@@ -84,9 +84,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self.client = Client(job.servers, self.worker_id, timeout=timeout, fingerprint=self.layout.fingerprint)
         try:
             self._check_job(job.num_workers)
-            on_gpu = any(p.device.type != "cpu" for p in self._params)
-            self._weights = torch.empty(self.layout.numel, pin_memory=on_gpu)
-            self._grads = torch.empty(self.layout.numel, pin_memory=on_gpu)
+            self._on_gpu = any(p.device.type == "cuda" for p in self._params)
+            self._weights = torch.empty(self.layout.numel, pin_memory=self._on_gpu)
+            self._grads = torch.empty(self.layout.numel, pin_memory=self._on_gpu)
             self._views = [self._slice(self._weights, i) for i in range(len(self._params))]
             if self.worker_id == 0:
                 self._gather(self._weights, lambda p: p.detach())
@@ -129,6 +129,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
 
     def pull(self) -> None:
         """Load the shards' current weights into the parameters (e.g. before evaluating)."""
+        if self._on_gpu:
+            torch.cuda.synchronize()  # the last copies out of _weights must be done before it is overwritten
         self.client.pull(out=self._weights)
         self._scatter()
 
@@ -153,7 +155,6 @@ class DistributedOptimizer(torch.optim.Optimizer):
 
     def _gather(self, flat: Tensor, source: Callable[[Tensor], Tensor | None]) -> None:
         """Copy ``source(p)`` of every parameter into ``flat`` (zeros where it is None)."""
-        cuda = False
         for i, p in enumerate(self._params):
             dst = self._slice(flat, i)
             src = source(p)
@@ -161,9 +162,10 @@ class DistributedOptimizer(torch.optim.Optimizer):
                 dst.zero_()  # no gradient this step: we still owe the shards a full vector
             elif src.data_ptr() != dst.data_ptr():
                 dst.copy_(src, non_blocking=True)
-                cuda = cuda or src.is_cuda
-        if cuda:
-            torch.cuda.synchronize()  # the copies into pinned memory must land before the send
+        if self._on_gpu:
+            # The copies into pinned memory must land before the send, and the earlier
+            # non-blocking copies out of _weights must finish before the reply overwrites it.
+            torch.cuda.synchronize()
 
     def _scatter(self) -> None:
         for p, view in zip(self._params, self._views, strict=True):
