@@ -57,6 +57,10 @@ class ShardConfig:
     num_workers: int = 1
     rules: rules.RuleConfig = field(default_factory=rules.RuleConfig)
     sync_timeout: float = 60.0  # seconds a sync round waits for a live worker
+    # "per-worker": the paper's backup of what each worker last received. "per-parameter":
+    # the ablation that public implementations ship, one previous weight refreshed at every
+    # update (so w - w_prev is the last update of anyone); for studies, not for training.
+    compensation: str = "per-worker"
 
     def __post_init__(self) -> None:
         if not 0 <= self.shard < self.num_shards:
@@ -65,6 +69,8 @@ class ShardConfig:
             raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
         if not self.sync_timeout > 0:
             raise ValueError(f"sync_timeout must be > 0, got {self.sync_timeout}")
+        if self.compensation not in ("per-worker", "per-parameter"):
+            raise ValueError(f"compensation must be 'per-worker' or 'per-parameter', got {self.compensation!r}")
 
 
 class Snapshot:
@@ -133,6 +139,8 @@ class ShardState:
         self._answered: list[tuple[tuple[int, str], Reply] | None] = [None] * m
         self._ms: Tensor | None = None
         self._momentum: Tensor | None = None
+        self._w_prev: Tensor | None = None  # per-parameter ablation only
+        self._w_pre: Tensor | None = None
         self._scratch: list[Tensor] = []
         self._current: Snapshot | None = None
         self._retired: list[Snapshot] = []
@@ -218,6 +226,9 @@ class ShardState:
                 self._momentum = torch.zeros(size)
             if self.mode == "sync":
                 self._grad_sum = torch.zeros(size)
+            if self.config.compensation == "per-parameter":
+                self._w_prev = self.w.clone()
+                self._w_pre = torch.empty(size)
             self.initialized = True
             log.info(
                 "shard %d initialized by worker %d: [%d, %d) of %d",
@@ -265,6 +276,9 @@ class ShardState:
             return self._sync_push(req, lr, want, grad, now)
         staleness = self._record(worker, req.seq)
         w_bak = self.backup[worker].tensor if self.mode in DC_MODES else None
+        if self.config.compensation == "per-parameter" and self.mode in DC_MODES:
+            w_bak = self._w_prev  # the weights before the last update, whoever made it
+            self._w_pre.copy_(self.w)
         r = self.config.rules
         if self.mode == "async":
             rules.asgd_step(self.w, grad, lr=lr, momentum=r.momentum, momentum_buf=self._momentum)
@@ -293,6 +307,8 @@ class ShardState:
                 momentum_buf=self._momentum,
                 scratch=self._scratch,
             )
+        if self.config.compensation == "per-parameter" and self.mode in DC_MODES:
+            self._w_prev, self._w_pre = self._w_pre, self._w_prev
         self.version += 1
         return [self._remember(worker, (req.rid, req.op), self._push_reply(worker, want, {"staleness": staleness}))]
 
