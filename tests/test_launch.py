@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -82,6 +83,15 @@ class Lines:
     def text(self) -> str:
         with self._cond:
             return self._text
+
+    @classmethod
+    def of_process(cls, cmd: list[str], **popen: Any) -> tuple[subprocess.Popen, Lines, threading.Thread]:
+        """Start ``cmd`` with its output (stdout and stderr) read into a new Lines by a thread."""
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+        lines = cls()
+        reader = threading.Thread(target=lambda: [lines.write(line) for line in proc.stdout], daemon=True)
+        reader.start()
+        return proc, lines, reader
 
     def wait_for(self, pattern: str, count: int = 1, timeout: float = 30.0) -> list[str]:
         """Wait until ``pattern`` (a regex, per line) matched ``count`` lines; returns the first group of each."""
@@ -178,10 +188,7 @@ def test_interrupting_the_launcher_stops_everything(tmp_path, sig, code):
     def default_sigint() -> None:  # a runner started in the background may hand us SIGINT ignored
         signal.signal(signal.SIGINT, signal.SIG_DFL)
 
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=default_sigint)
-    lines = Lines()
-    reader = threading.Thread(target=lambda: [lines.write(line) for line in proc.stdout], daemon=True)
-    reader.start()
+    proc, lines, reader = Lines.of_process(cmd, preexec_fn=default_sigint)
     try:
         lines.wait_for(r"^\[worker\d\] ready grandchild (\d+)$", count=2)
         proc.send_signal(sig)
@@ -200,10 +207,7 @@ def test_interrupting_the_launcher_stops_everything(tmp_path, sig, code):
 def test_children_die_with_a_killed_launcher(tmp_path):
     cmd = [sys.executable, "-m", "dcasgd", "launch", "--workers", "2", "--", *script(tmp_path, "linger.py", LINGER)]
     env = {**os.environ, "NO_GRANDCHILD": "1"}  # the kernel's parent-death signal reaches children only
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    lines = Lines()
-    reader = threading.Thread(target=lambda: [lines.write(line) for line in proc.stdout], daemon=True)
-    reader.start()
+    proc, lines, reader = Lines.of_process(cmd, env=env)
     try:
         lines.wait_for(r"^\[worker\d\] (ready)$", count=2)
     finally:
