@@ -1,0 +1,321 @@
+"""The staleness study in the simulator (dcasgd.sim): what stale gradients cost, and what each compensation buys.
+
+Six methods on scikit-learn's digits (MLP, held-out test split), each on a virtual cluster of
+M workers with equal compute times (so every push is M-1 versions stale in steady state), for
+several seeds, all with the same budget of gradients:
+
+    SGD                       sequential SGD (one worker, async): the reference line
+    SSGD                      sync: one averaged step per round of M gradients
+    ASGD                      async, w -= lr*g
+    DC-ASGD-c                 dcasgd, lam = 0.04
+    DC-ASGD-a                 dcasgd-a, lam0 = 2, ms_decay = 0.95
+    DC-ASGD-a per-parameter   dcasgd-a with one "previous weight" per parameter refreshed at every
+                              update (the ablation public implementations ship) instead of one
+                              backup per worker
+
+It prints a table (method, M, mean and spread of the final test accuracy over seeds), where
+DC-ASGD-a stands at M=16 against ASGD and the ablation, and writes under --out:
+staleness.json (settings, every run's raw result, the table) and staleness.png (accuracy vs M,
+error bars = standard deviation over seeds, SGD as a horizontal band), plus
+staleness_curves.png (test accuracy vs gradients pushed at M=16).
+
+    python benchmarks/staleness.py            # the full study (about a minute on 2 cores)
+    python benchmarks/staleness.py --quick    # fewer seeds and M (well under a minute)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+import torch
+
+from dcasgd.sim import SimConfig, digits, simulate
+
+# Why these defaults: with lr 0.1 and batch 8 (MLP, 32 hidden units, 20 epochs of gradients),
+# sequential SGD reaches about 0.97 test accuracy and ASGD matches it up to M=8, then loses it:
+# at M=16 (staleness 15) training oscillates and ends far below (seed-dependent), at M=32 it
+# is at chance. Smaller lr or larger batches move that cliff to larger M, larger lr to smaller M
+# (explored with this simulator: lr 0.05-0.2, batch 8-32, hidden 0 and 32). Softmax regression
+# (--hidden 0) barely suffers from staleness here, so it shows nothing to compensate.
+DEFAULTS = {"workers": [1, 4, 8, 16, 32], "seeds": 5, "lr": 0.1, "batch_size": 8, "hidden": 32, "epochs": 20.0}
+QUICK = {"workers": [1, 4, 16, 32], "seeds": 3}
+FOCUS_M = 16  # where the verdict and the curves are taken
+CURVE_POINTS = 20  # test-accuracy records per run
+
+SEQUENTIAL = "SGD"
+METHODS = {  # name -> SimConfig fields
+    "SSGD": {"mode": "sync"},
+    "ASGD": {"mode": "async"},
+    "DC-ASGD-c": {"mode": "dcasgd"},
+    "DC-ASGD-a": {"mode": "dcasgd-a"},
+    "DC-ASGD-a per-parameter": {"mode": "dcasgd-a", "compensation": "per-parameter"},
+}
+ABLATION = "DC-ASGD-a per-parameter"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help=f"fewer runs: {QUICK} unless given explicitly")
+    ap.add_argument("--workers", type=int, nargs="+", help=f"values of M (default {DEFAULTS['workers']})")
+    ap.add_argument("--seeds", type=int, help=f"seeds per setting (default {DEFAULTS['seeds']})")
+    ap.add_argument("--lr", type=float, help=f"learning rate (default {DEFAULTS['lr']})")
+    ap.add_argument("--batch-size", type=int, help=f"per-worker batch (default {DEFAULTS['batch_size']})")
+    ap.add_argument(
+        "--hidden", type=int, help=f"MLP hidden units, 0 = softmax regression (default {DEFAULTS['hidden']})"
+    )
+    ap.add_argument(
+        "--epochs", type=float, help=f"passes over the training set, in gradients (default {DEFAULTS['epochs']})"
+    )
+    ap.add_argument("--compute", default="equal", choices=["equal", "jitter", "straggler"], help="compute-time model")
+    ap.add_argument("--jitter", type=float, default=0.3, help="lognormal spread of compute times")
+    ap.add_argument("--straggler-k", type=float, default=4.0, help="how many times slower a straggler is")
+    ap.add_argument("--stragglers", type=int, default=1, help="how many workers straggle")
+    ap.add_argument("--momentum", type=float, default=0.0, help="server-side momentum")
+    ap.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)), help="processes (default: cores)")
+    ap.add_argument("--out", type=Path, default=Path("results/staleness"), help="results folder")
+    args = ap.parse_args(argv)
+    for key, value in DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, QUICK.get(key, value) if args.quick else value)
+    args.workers = sorted(set(args.workers))
+    if args.seeds < 1:
+        ap.error("--seeds must be >= 1")
+    return args
+
+
+def _run(config: SimConfig) -> dict:
+    torch.set_num_threads(1)  # tiny tensors: threads cost more than they give, and the cores run other seeds
+    return simulate(config).to_dict()
+
+
+def _plan(args: argparse.Namespace) -> list[tuple[str, int, SimConfig]]:
+    train_size = len(digits()[1])
+    common = {
+        "lr": args.lr,
+        "batch_size": args.batch_size,
+        "hidden": args.hidden,
+        "epochs": args.epochs,
+        "compute": args.compute,
+        "jitter": args.jitter,
+        "straggler_k": args.straggler_k,
+        "stragglers": args.stragglers,
+        "momentum": args.momentum,
+    }
+    gradients = args.epochs * train_size / args.batch_size
+
+    def config(workers: int, seed: int, **fields) -> SimConfig:
+        every = gradients / workers / CURVE_POINTS  # the run lasts about gradients/M time units
+        stragglers = min(args.stragglers, workers)
+        return SimConfig(**{**common, "stragglers": stragglers}, workers=workers, seed=seed, eval_every=every, **fields)
+
+    plan = []
+    for seed in range(args.seeds):
+        plan.append((SEQUENTIAL, 1, config(1, seed, mode="async")))
+        for m in args.workers:
+            for name, fields in METHODS.items():
+                plan.append((name, m, config(m, seed, **fields)))
+    return plan
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    """One row per (method, M): mean, standard deviation, min and max of the final accuracy."""
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for run in runs:
+        groups.setdefault((run["method"], run["workers"]), []).append(run)
+    order = [SEQUENTIAL, *METHODS]
+    rows = []
+    for (method, m), group in sorted(groups.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1])):
+        acc = [r["result"]["final_accuracy"] for r in group]
+        rows.append(
+            {
+                "method": method,
+                "workers": m,
+                "seeds": len(acc),
+                "mean": statistics.fmean(acc),
+                "std": statistics.pstdev(acc) if len(acc) > 1 else 0.0,
+                "min": min(acc),
+                "max": max(acc),
+                "mean_staleness": statistics.fmean(r["result"]["mean_staleness"] for r in group),
+                "max_staleness": max(r["result"]["max_staleness"] for r in group),
+            }
+        )
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [
+        f"{'method':<24} {'M':>3} {'seeds':>5} {'mean acc':>9} {'std':>7} {'min':>7} {'max':>7} {'staleness':>9}",
+    ]
+    for r in rows:
+        lines.append(
+            f"{r['method']:<24} {r['workers']:>3} {r['seeds']:>5} {r['mean']:>9.4f} {r['std']:>7.4f} "
+            f"{r['min']:>7.4f} {r['max']:>7.4f} {r['mean_staleness']:>9.2f}"
+        )
+    return "\n".join(lines)
+
+
+def verdict(rows: list[dict], focus: int = FOCUS_M) -> dict | None:
+    """Gaps to sequential SGD at M=``focus`` (mean accuracy of SGD minus the method's)."""
+    mean = {(r["method"], r["workers"]): r["mean"] for r in rows}
+    if (SEQUENTIAL, 1) not in mean or ("DC-ASGD-a", focus) not in mean:
+        return None
+    sgd = mean[(SEQUENTIAL, 1)]
+    gaps = {name: sgd - mean[(name, focus)] for name in METHODS if (name, focus) in mean}
+    dca = abs(gaps["DC-ASGD-a"])
+    return {
+        "workers": focus,
+        "sgd_mean": sgd,
+        "gap_to_sgd": gaps,
+        "dcasgd_a_closer_than_asgd": dca < abs(gaps["ASGD"]),
+        "dcasgd_a_closer_than_ablation": dca < abs(gaps[ABLATION]),
+    }
+
+
+def asgd_loss(rows: list[dict]) -> dict[int, float]:
+    """ASGD's gap to sequential SGD for each M."""
+    sgd = next(r["mean"] for r in rows if r["method"] == SEQUENTIAL)
+    return {r["workers"]: sgd - r["mean"] for r in rows if r["method"] == "ASGD"}
+
+
+def plot(rows: list[dict], runs: list[dict], args: argparse.Namespace, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    setting = (
+        f"digits MLP({args.hidden}), lr {args.lr}, batch {args.batch_size}, {args.epochs:g} epochs, {args.compute}"
+    )
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    sgd = next(r for r in rows if r["method"] == SEQUENTIAL)
+    ax.axhline(sgd["mean"], color="black", lw=1.2, label=f"{SEQUENTIAL} (sequential)")
+    ax.axhspan(sgd["mean"] - sgd["std"], sgd["mean"] + sgd["std"], color="black", alpha=0.08)
+    markers = dict(zip(METHODS, "osD^v", strict=True))
+    for name in METHODS:
+        pts = [r for r in rows if r["method"] == name]
+        ax.errorbar(
+            [r["workers"] for r in pts],
+            [r["mean"] for r in pts],
+            yerr=[r["std"] for r in pts],
+            marker=markers[name],
+            capsize=3,
+            label=name,
+            ls="--" if name == ABLATION else "-",
+        )
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(args.workers, [str(m) for m in args.workers])
+    ax.set_xlabel("workers M (steady-state staleness M-1)")
+    ax.set_ylabel("final test accuracy")
+    ax.set_ylim(0.0, 1.0)
+    ax.set_title(f"Staleness study ({setting})", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    paths.append(out / "staleness.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    focus = FOCUS_M if FOCUS_M in args.workers else max(args.workers)
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for name in [SEQUENTIAL, *METHODS]:
+        group = [r for r in runs if r["method"] == name and r["workers"] == (1 if name == SEQUENTIAL else focus)]
+        if not group:
+            continue
+        per_grad = group[0]["workers"] if group[0]["result"]["config"]["mode"] == "sync" else 1
+        length = min(len(r["result"]["history"]) for r in group)
+        xs = [group[0]["result"]["history"][i][1] * per_grad for i in range(length)]
+        ys = [statistics.fmean(r["result"]["history"][i][2] for r in group) for i in range(length)]
+        ax.plot(
+            xs,
+            ys,
+            label=name if name != SEQUENTIAL else f"{SEQUENTIAL} (M=1)",
+            color="black" if name == SEQUENTIAL else None,
+        )
+    ax.set_xlabel("gradients pushed")
+    ax.set_ylabel("test accuracy (mean over seeds)")
+    ax.set_ylim(0.0, 1.0)
+    ax.set_title(f"M={focus}: test accuracy during training ({setting})", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    paths.append(out / "staleness_curves.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    plan = _plan(args)
+    print(
+        f"staleness study: {len(plan)} runs, M in {args.workers}, {args.seeds} seed(s), lr {args.lr}, "
+        f"batch {args.batch_size}, hidden {args.hidden}, {args.epochs:g} epochs, compute {args.compute}, "
+        f"{args.jobs} process(es)",
+        flush=True,
+    )
+    configs = [c for _, _, c in plan]
+    if args.jobs > 1:
+        with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
+            results = list(pool.map(_run, configs, chunksize=1))
+    else:
+        results = [_run(c) for c in configs]
+    runs = [
+        {"method": name, "workers": m, "seed": c.seed, "result": res}
+        for (name, m, c), res in zip(plan, results, strict=True)
+    ]
+    rows = summarize(runs)
+    wall = time.perf_counter() - started
+
+    print(format_table(rows))
+    loss = asgd_loss(rows)
+    print(
+        "ASGD's loss to sequential SGD (mean accuracy gap) by M: "
+        + ", ".join(f"M={m}: {g:+.4f}" for m, g in loss.items())
+    )
+    v = verdict(rows)
+    if v is None:
+        print(f"(no verdict: M={FOCUS_M} not in the study)")
+    else:
+        gaps = v["gap_to_sgd"]
+        print(
+            f"At M={v['workers']} (SGD {v['sgd_mean']:.4f}), gap to SGD: "
+            + ", ".join(f"{name} {gap:+.4f}" for name, gap in gaps.items())
+        )
+        print(
+            f"DC-ASGD-a ends closer to SGD than ASGD: {'yes' if v['dcasgd_a_closer_than_asgd'] else 'NO'}; "
+            f"than the per-parameter ablation: {'yes' if v['dcasgd_a_closer_than_ablation'] else 'NO'}"
+        )
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    settings = {k: (str(v_) if isinstance(v_, Path) else v_) for k, v_ in vars(args).items()}
+    doc = {
+        "benchmark": "staleness",
+        "settings": settings,
+        "methods": {SEQUENTIAL: {"mode": "async", "workers": 1}, **METHODS},
+        "environment": {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine()},
+        "wall_seconds": wall,
+        "summary": rows,
+        "asgd_loss_by_workers": {str(m): g for m, g in loss.items()},
+        "verdict": v,
+        "runs": runs,
+    }
+    json_path = args.out / "staleness.json"
+    json_path.write_text(json.dumps(doc, indent=1))
+    pngs = plot(rows, runs, args, args.out)
+    print(f"wrote {json_path}, " + ", ".join(str(p) for p in pngs) + f" in {wall:.1f} s (study wall time)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,475 @@
+"""A virtual cluster in one process: M stale workers against the real shard code.
+
+``simulate(SimConfig(...))`` trains a small model on scikit-learn's digits with ``workers``
+virtual workers and a virtual clock. Each worker holds the weights it last received,
+computes a real gradient on its own minibatch (torch, on a flat parameter vector), and
+finishes after a compute time drawn from ``compute``:
+
+- ``"equal"``: every batch takes 1.0 time unit, so in steady state every push is M-1 stale;
+- ``"jitter"``: lognormal times with mean 1 and log-spread ``jitter``;
+- ``"straggler"``: jittered times, and the last ``stragglers`` workers are ``straggler_k``
+  times slower.
+
+The server side is :class:`dcasgd.shard.ShardState`, one per shard of the
+:func:`dcasgd.layout.shard_ranges` split, fed :class:`dcasgd.protocol.Request` objects the way
+``ShardServer._dispatch`` feeds it (``check`` first, then ``init`` / ``pull`` / ``push`` with
+op ``push_pull``, a request id and a sequence number per worker). The rules run nowhere else,
+so the simulator measures the library's own math, including the per-parameter ablation
+(``compensation="per-parameter"``, a :class:`~dcasgd.shard.ShardConfig` option).
+
+Modes are the server's: ``async`` with one worker is sequential SGD; ``sync`` (SSGD) closes a
+round when every worker pushed, the replies come then, and every worker starts its next batch
+at that moment (the slowest worker sets the round's time).
+
+Data: the split of ``examples/train_digits.py`` (``load_digits``, pixels / 16, seeded 75/25
+split, ``data_seed`` 0 by default, the same for every ``seed``). Every worker samples from the
+*whole* training set, each with its own seeded shuffle (passes without replacement): with up
+to 64 workers a per-worker share (21 samples) would be smaller than a batch, and sampling the
+same distribution everywhere keeps data partitioning out of a study of staleness.
+
+Budget: ``epochs`` counts gradients, not updates: the run ends after
+``round(epochs * len(train) / batch_size)`` gradients have been pushed (in sync mode, rounded
+down to whole rounds of M), whatever M is. Gradients still being computed then are dropped.
+
+Determinism: the same config gives bitwise the same weights, history and staleness in the same
+environment (torch build, thread count). The virtual clock breaks ties by worker index; compute
+times, minibatches and initial weights come from generators seeded by ``seed`` and the worker.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .layout import FlatLayout, shard_ranges
+from .protocol import ITEMSIZE, Request
+from .rules import MODES, RuleConfig
+from .shard import ShardConfig, ShardState
+
+COMPUTE_MODELS = ("equal", "jitter", "straggler")
+COMPENSATIONS = ("per-worker", "per-parameter")
+MAX_WORKERS = 64
+NUM_FEATURES = 64  # 8x8 pixels
+NUM_CLASSES = 10
+
+__all__ = ["SimConfig", "SimResult", "simulate", "digits", "MlpModel"]
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """One simulated job. Times are in units of one mean batch compute time.
+
+    ``workers``: 1 to 64. ``mode``: a server mode (``sync``, ``async``, ``dcasgd``,
+    ``dcasgd-a``). ``epochs``: passes over the training set, counted in gradients (see the
+    module doc). ``hidden``: MLP hidden units (0: softmax regression). ``lam``, ``lam0``,
+    ``ms_decay``, ``momentum``: as :class:`dcasgd.rules.RuleConfig`. ``compensation``:
+    ``"per-worker"`` (the paper) or ``"per-parameter"`` (the ablation; DC modes only).
+    ``eval_every``: virtual time between test-accuracy records in ``history`` (0: only the
+    start and the end). ``weight_decay`` is added to the gradient on the worker, as
+    ``torch.optim.SGD`` does.
+    """
+
+    workers: int = 4
+    mode: str = "async"
+    lr: float = 0.1
+    batch_size: int = 32
+    epochs: float = 10.0
+    compute: str = "equal"
+    jitter: float = 0.3
+    straggler_k: float = 4.0
+    stragglers: int = 1
+    compensation: str = "per-worker"
+    seed: int = 0
+    hidden: int = 32
+    lam: float = 0.04
+    lam0: float = 2.0
+    ms_decay: float = 0.95
+    momentum: float = 0.0
+    shards: int = 1
+    eval_every: float = 0.0
+    weight_decay: float = 0.0
+    data_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.workers <= MAX_WORKERS:
+            raise ValueError(f"workers must be in [1, {MAX_WORKERS}], got {self.workers}")
+        if self.mode not in MODES:
+            raise ValueError(f"Invalid mode: {self.mode!r} (choose from {', '.join(MODES)})")
+        if self.compute not in COMPUTE_MODELS:
+            raise ValueError(f"compute must be one of {', '.join(COMPUTE_MODELS)}, got {self.compute!r}")
+        if self.compensation not in COMPENSATIONS:
+            raise ValueError(f"compensation must be one of {', '.join(COMPENSATIONS)}, got {self.compensation!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not (self.epochs > 0 and math.isfinite(self.epochs)):
+            raise ValueError(f"epochs must be > 0, got {self.epochs}")
+        if not self.jitter >= 0:
+            raise ValueError(f"jitter must be >= 0, got {self.jitter}")
+        if not self.straggler_k > 0:
+            raise ValueError(f"straggler_k must be > 0, got {self.straggler_k}")
+        if self.compute == "straggler" and not 0 <= self.stragglers <= self.workers:
+            raise ValueError(f"stragglers must be in [0, workers={self.workers}], got {self.stragglers}")
+        if self.hidden < 0:
+            raise ValueError(f"hidden must be >= 0, got {self.hidden}")
+        if self.shards < 1:
+            raise ValueError(f"shards must be >= 1, got {self.shards}")
+        if not self.eval_every >= 0:
+            raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        _ = self.rules  # RuleConfig validates lr, lam, lam0, ms_decay and momentum
+
+    @property
+    def rules(self) -> RuleConfig:
+        return RuleConfig(
+            mode=self.mode,
+            lr=self.lr,
+            lam=self.lam,
+            lam0=self.lam0,
+            ms_decay=self.ms_decay,
+            momentum=self.momentum,
+        )
+
+    def total_gradients(self, train_size: int) -> int:
+        """Gradients pushed in the whole run, for a training set of ``train_size`` samples."""
+        total = max(1, round(self.epochs * train_size / self.batch_size))
+        if self.mode == "sync":
+            total = max(1, total // self.workers) * self.workers
+        return total
+
+
+@dataclass
+class SimResult:
+    """What a simulated run measured.
+
+    ``history``: ``(virtual_time, updates, test_accuracy)`` records, where ``updates`` is the
+    shards' version (weight updates applied; in sync mode one per round of M gradients).
+    ``staleness``: how many pushes were how stale (versions between the weights a gradient was
+    computed at and the weights it was applied to; shard 0's count). ``weights``: the final
+    flat weight vector (not in :meth:`to_dict`). ``wall_seconds`` is the only field that is not
+    deterministic.
+    """
+
+    config: SimConfig
+    history: list[tuple[float, int, float]]
+    final_accuracy: float
+    staleness: dict[int, int]
+    gradients: int
+    updates: int
+    virtual_time: float
+    wall_seconds: float
+    weights: Tensor = field(repr=False)
+
+    @property
+    def max_staleness(self) -> int:
+        return max(self.staleness, default=0)
+
+    @property
+    def mean_staleness(self) -> float:
+        count = sum(self.staleness.values())
+        return sum(k * v for k, v in self.staleness.items()) / count if count else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything but the weights, as JSON-ready values."""
+        return {
+            "config": asdict(self.config),
+            "final_accuracy": self.final_accuracy,
+            "gradients": self.gradients,
+            "updates": self.updates,
+            "virtual_time": self.virtual_time,
+            "staleness": {str(k): v for k, v in sorted(self.staleness.items())},
+            "max_staleness": self.max_staleness,
+            "mean_staleness": self.mean_staleness,
+            "history": [list(h) for h in self.history],
+            "wall_seconds": self.wall_seconds,
+        }
+
+
+# --- data and model ------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=4)
+def digits(data_seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(x_train, y_train, x_test, y_test)``: the split of ``examples/train_digits.py``."""
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x, y = torch.tensor(x, dtype=torch.float32) / 16.0, torch.tensor(y)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(data_seed))
+    cut = len(y) * 3 // 4
+    return x[perm[:cut]], y[perm[:cut]], x[perm[cut:]], y[perm[cut:]]
+
+
+class MlpModel:
+    """``Linear(64, hidden) -> ReLU -> Linear(hidden, 10)`` (or one Linear when hidden = 0)
+    on a flat float32 vector, with a hand-written backward pass (no autograd per step).
+
+    Parameter names and order are those of ``nn.Sequential(nn.Linear, nn.ReLU, nn.Linear)``.
+    """
+
+    def __init__(self, hidden: int) -> None:
+        self.hidden = hidden
+        if hidden > 0:
+            entries = [
+                ("0.weight", (hidden, NUM_FEATURES)),
+                ("0.bias", (hidden,)),
+                ("2.weight", (NUM_CLASSES, hidden)),
+                ("2.bias", (NUM_CLASSES,)),
+            ]
+        else:
+            entries = [("weight", (NUM_CLASSES, NUM_FEATURES)), ("bias", (NUM_CLASSES,))]
+        self.layout = FlatLayout.from_shapes(entries)
+
+    @property
+    def numel(self) -> int:
+        return self.layout.numel
+
+    def views(self, flat: Tensor) -> list[Tensor]:
+        """The parameters as views into ``flat``, in layout order."""
+        out = []
+        for shape, off in zip(self.layout.shapes, self.layout.offsets, strict=True):
+            size = math.prod(shape)
+            out.append(flat[off : off + size].view(shape))
+        return out
+
+    def init(self, gen: torch.Generator) -> Tensor:
+        """Weights as ``nn.Linear`` draws them: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+        w = torch.empty(self.numel)
+        fan_in = NUM_FEATURES
+        for p, shape in zip(self.views(w), self.layout.shapes, strict=True):
+            if len(shape) == 2:  # a weight (out, in); the bias after it shares its fan-in
+                fan_in = shape[1]
+            bound = 1.0 / math.sqrt(fan_in)
+            p.uniform_(-bound, bound, generator=gen)
+        return w
+
+    def logits(self, w: Tensor, x: Tensor) -> Tensor:
+        if self.hidden > 0:
+            w1, b1, w2, b2 = self.views(w)
+            return torch.addmm(b2, torch.relu(torch.addmm(b1, x, w1.t())), w2.t())
+        w1, b1 = self.views(w)
+        return torch.addmm(b1, x, w1.t())
+
+    def accuracy(self, w: Tensor, x: Tensor, y: Tensor) -> float:
+        with torch.no_grad():
+            return (self.logits(w, x).argmax(1) == y).double().mean().item()
+
+    def grad(self, w: Tensor, x: Tensor, y: Tensor, out: Tensor) -> None:
+        """The gradient of the mean cross-entropy of batch ``(x, y)`` at ``w``, into ``out``."""
+        rows = torch.arange(len(y))
+        if self.hidden > 0:
+            w1, b1, w2, b2 = self.views(w)
+            g1, gb1, g2, gb2 = self.views(out)
+            h = torch.addmm(b1, x, w1.t())
+            a = torch.relu(h)
+            dz = torch.softmax(torch.addmm(b2, a, w2.t()), 1)
+            dz[rows, y] -= 1.0
+            dz.div_(len(y))
+            torch.mm(dz.t(), a, out=g2)
+            torch.sum(dz, 0, out=gb2)
+            dh = torch.mm(dz, w2).masked_fill_(h <= 0, 0.0)
+            torch.mm(dh.t(), x, out=g1)
+            torch.sum(dh, 0, out=gb1)
+        else:
+            w1, b1 = self.views(w)
+            g1, gb1 = self.views(out)
+            dz = torch.softmax(torch.addmm(b1, x, w1.t()), 1)
+            dz[rows, y] -= 1.0
+            dz.div_(len(y))
+            torch.mm(dz.t(), x, out=g1)
+            torch.sum(dz, 0, out=gb1)
+
+
+# --- the virtual cluster ---------------------------------------------------------------------
+
+
+class _Shards:
+    """The job's ShardStates, fed Request objects as ``ShardServer._dispatch`` feeds them."""
+
+    def __init__(self, config: SimConfig, layout: FlatLayout) -> None:
+        self.n = layout.numel
+        self.ranges = shard_ranges(self.n, config.shards)
+        self.fp = layout.fingerprint
+        self.layout = [[name, list(shape)] for name, shape in zip(layout.names, layout.shapes, strict=True)]
+        self.states = [
+            ShardState(
+                ShardConfig(
+                    shard=s,
+                    num_shards=config.shards,
+                    num_workers=config.workers,
+                    rules=config.rules,
+                    compensation=config.compensation,
+                )
+            )
+            for s in range(config.shards)
+        ]
+        self.rid = [0] * config.workers
+        self.seq = [0] * config.workers
+        self.received = [0] * config.workers  # shards that answered the worker's pending push
+
+    def _next_rid(self, worker: int) -> int:
+        self.rid[worker] += 1
+        return self.rid[worker]
+
+    def init(self, worker: int, w: Tensor) -> None:
+        rid = self._next_rid(worker)
+        for state, (lo, hi) in zip(self.states, self.ranges, strict=True):
+            req = Request(
+                op="init",
+                rid=rid,
+                worker=worker,
+                fp=self.fp,
+                n=self.n,
+                lo=lo,
+                hi=hi,
+                nbytes=(hi - lo) * ITEMSIZE,
+                layout=self.layout,
+            )
+            state.check(req)
+            state.init(req, w[lo:hi])
+
+    def pull(self, worker: int, out: Tensor) -> None:
+        """The shards' current weights into ``out`` (the worker's own copy)."""
+        rid = self._next_rid(worker)
+        for state, (lo, hi) in zip(self.states, self.ranges, strict=True):
+            req = Request(op="pull", rid=rid, worker=worker, fp=self.fp)
+            state.check(req)
+            reply = state.pull(worker, req.rid)
+            out[lo:hi].copy_(reply.snapshot.tensor)
+
+    def push_pull(self, worker: int, grad: Tensor, lr: float, now: float, weights: list[Tensor]) -> list[int]:
+        """Push ``grad`` to every shard; copy replies into ``weights[m]`` of whoever they answer.
+
+        Returns the workers that now have an answer from every shard (async: ``worker``; sync:
+        every member of a round that this push completed; or nobody while a round waits).
+        """
+        self.seq[worker] += 1
+        rid = self._next_rid(worker)
+        ready = []
+        for state, (lo, hi) in zip(self.states, self.ranges, strict=True):
+            req = Request(
+                op="push_pull",
+                rid=rid,
+                worker=worker,
+                seq=self.seq[worker],
+                fp=self.fp,
+                nbytes=(hi - lo) * ITEMSIZE,
+                lr=lr,
+            )
+            state.check(req)
+            for reply in state.push(req, grad[lo:hi], now):
+                m = reply.worker
+                weights[m][lo:hi].copy_(reply.snapshot.tensor)
+                self.received[m] += 1
+                if self.received[m] == len(self.states):
+                    self.received[m] = 0
+                    ready.append(m)
+        return ready
+
+    def weights(self) -> Tensor:
+        return torch.cat([s.w for s in self.states])
+
+    @property
+    def version(self) -> int:
+        return self.states[0].version
+
+    @property
+    def staleness(self) -> dict[int, int]:
+        return dict(sorted(self.states[0].staleness.items()))
+
+
+class _Clock:
+    """Per-worker compute times, each worker with its own seeded stream."""
+
+    def __init__(self, config: SimConfig) -> None:
+        self.config = config
+        self.rngs = [random.Random(f"dcasgd.sim:{config.seed}:time:{m}") for m in range(config.workers)]
+        first_straggler = config.workers - config.stragglers
+
+        def scale(m: int) -> float:
+            return config.straggler_k if config.compute == "straggler" and m >= first_straggler else 1.0
+
+        self.scale = [scale(m) for m in range(config.workers)]
+
+    def draw(self, worker: int) -> float:
+        c = self.config
+        if c.compute == "equal":
+            return 1.0
+        s = c.jitter  # lognormal with mean 1: exp(s*z - s^2/2)
+        return self.scale[worker] * math.exp(s * self.rngs[worker].gauss(0.0, 1.0) - 0.5 * s * s)
+
+
+class _Batches:
+    """One worker's minibatches: shuffled passes over the training set, without replacement."""
+
+    def __init__(self, size: int, batch_size: int, seed: int, worker: int) -> None:
+        self.size = size
+        self.batch_size = min(batch_size, size)
+        self.gen = torch.Generator().manual_seed(seed * 1_000_003 + worker)
+        self.chunks: list[Tensor] = []
+
+    def next(self) -> Tensor:
+        if not self.chunks:
+            perm = torch.randperm(self.size, generator=self.gen)
+            usable = self.size // self.batch_size * self.batch_size
+            self.chunks = list(reversed(perm[:usable].split(self.batch_size)))
+        return self.chunks.pop()
+
+
+def simulate(config: SimConfig) -> SimResult:
+    """Run one simulated job to the end of its gradient budget; see the module doc."""
+    started = time.perf_counter()
+    x_train, y_train, x_test, y_test = digits(config.data_seed)
+    model = MlpModel(config.hidden)
+    shards = _Shards(config, model.layout)
+    workers = config.workers
+    total = config.total_gradients(len(y_train))
+    clock = _Clock(config)
+    batches = [_Batches(len(y_train), config.batch_size, config.seed, m) for m in range(workers)]
+
+    shards.init(0, model.init(torch.Generator().manual_seed(config.seed)))
+    weights = [torch.empty(model.numel) for _ in range(workers)]
+    grad = torch.empty(model.numel)  # the shards read it during push and keep no reference
+    events: list[tuple[float, int]] = []  # (time the worker's batch is done, worker)
+    for m in range(workers):
+        shards.pull(m, weights[m])
+        heapq.heappush(events, (clock.draw(m), m))
+
+    history = [(0.0, 0, model.accuracy(shards.weights(), x_test, y_test))]
+    next_eval = config.eval_every if config.eval_every > 0 else math.inf
+    now = 0.0
+    for _ in range(total):
+        now, m = heapq.heappop(events)
+        while next_eval < now:  # the state at a record time includes every event up to it
+            history.append((next_eval, shards.version, model.accuracy(shards.weights(), x_test, y_test)))
+            next_eval += config.eval_every
+        batch = batches[m].next()
+        model.grad(weights[m], x_train[batch], y_train[batch], grad)
+        if config.weight_decay > 0:
+            grad.add_(weights[m], alpha=config.weight_decay)
+        for r in shards.push_pull(m, grad, config.lr, now, weights):
+            heapq.heappush(events, (now + clock.draw(r), r))
+
+    final_w = shards.weights().clone()
+    final = model.accuracy(final_w, x_test, y_test)
+    if history[-1][0] != now or len(history) == 1:
+        history.append((now, shards.version, final))
+    return SimResult(
+        config=config,
+        history=history,
+        final_accuracy=final,
+        staleness=shards.staleness,
+        gradients=total,
+        updates=shards.version,
+        virtual_time=now,
+        wall_seconds=time.perf_counter() - started,
+        weights=final_w,
+    )

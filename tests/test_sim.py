@@ -1,0 +1,188 @@
+"""The virtual cluster (dcasgd.sim): deterministic, driven through ShardState, staleness as designed,
+and the staleness study's script end to end on a tiny setting."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dcasgd import sim
+from dcasgd.shard import ShardState
+from dcasgd.sim import MlpModel, SimConfig, simulate
+
+pytestmark = pytest.mark.timeout(60)
+
+ROOT = Path(__file__).resolve().parent.parent
+SHORT = {"epochs": 0.5, "batch_size": 16, "lr": 0.1}  # 42 gradients: a fraction of a second
+
+
+def run(**fields) -> sim.SimResult:
+    return simulate(SimConfig(**{**SHORT, **fields}))
+
+
+def test_same_config_gives_bitwise_the_same_run():
+    config = SimConfig(
+        **SHORT, workers=5, mode="dcasgd-a", compute="straggler", shards=2, seed=3, eval_every=1.0, weight_decay=1e-4
+    )
+    a, b = simulate(config), simulate(config)
+    assert torch.equal(a.weights, b.weights)
+    assert a.history == b.history and len(a.history) > 3
+    assert a.staleness == b.staleness
+    assert {k: v for k, v in a.to_dict().items() if k != "wall_seconds"} == {
+        k: v for k, v in b.to_dict().items() if k != "wall_seconds"
+    }
+    other_seed = simulate(SimConfig(**{**config.__dict__, "seed": 4}))
+    assert not torch.equal(a.weights, other_seed.weights)
+
+
+def test_the_server_side_is_shard_state(monkeypatch):
+    calls = {"check": 0, "push": 0}
+    check, push = ShardState.check, ShardState.push
+
+    def counting_check(self, req):
+        calls["check"] += 1
+        return check(self, req)
+
+    def counting_push(self, req, grad, now):
+        calls["push"] += 1
+        assert req.op == "push_pull" and req.seq == self.last_seq[req.worker] + 1 and req.lr == SHORT["lr"]
+        return push(self, req, grad, now)
+
+    monkeypatch.setattr(ShardState, "check", counting_check)
+    monkeypatch.setattr(ShardState, "push", counting_push)
+    result = run(workers=3, mode="dcasgd", shards=2)
+    assert calls["push"] == result.gradients * 2
+    # every op is checked first: per shard one init, one pull per worker, every push
+    assert calls["check"] == 2 * (1 + 3 + result.gradients)
+
+
+def test_one_worker_is_never_stale():
+    result = run(workers=1, mode="async")
+    assert result.staleness == {0: result.gradients}
+    assert result.updates == result.gradients
+
+
+def test_equal_compute_times_give_staleness_m_minus_1_in_steady_state():
+    m = 4
+    result = run(workers=m, mode="dcasgd-a")
+    # the first round pushes at staleness 0, 1, ..., M-1, then every push is M-1 stale
+    assert result.staleness == {**{k: 1 for k in range(m - 1)}, m - 1: result.gradients - (m - 1)}
+    assert result.max_staleness == m - 1
+
+
+def test_sync_mode_is_never_stale_and_steps_once_per_round():
+    m = 4
+    result = run(workers=m, mode="sync", compute="jitter")
+    assert result.staleness == {0: result.gradients}
+    assert result.gradients % m == 0
+    assert result.updates == result.gradients // m
+
+
+def test_a_straggler_makes_pushes_staler():
+    equal = run(workers=4, mode="async", epochs=2.0)
+    straggler = run(workers=4, mode="async", epochs=2.0, compute="straggler", straggler_k=4.0, stragglers=1)
+    assert straggler.max_staleness > equal.max_staleness
+    assert straggler.max_staleness >= 8  # about k*(M-1) - 1 updates by the others per slow batch
+
+
+@pytest.mark.parametrize("workers", [3, 8])
+def test_per_parameter_ablation_differs_from_per_worker(workers):
+    per_worker = run(workers=workers, mode="dcasgd-a")
+    per_parameter = run(workers=workers, mode="dcasgd-a", compensation="per-parameter")
+    gap = (per_worker.weights - per_parameter.weights).abs().max().item()
+    assert gap > 1e-4
+    asgd = run(workers=workers, mode="async")
+    assert (per_worker.weights - asgd.weights).abs().max().item() > 1e-4, "compensation had no effect"
+
+
+def test_one_worker_async_is_sequential_sgd():
+    """M=1 through the shard is plain SGD on the same minibatches: w -= lr * g."""
+    result = run(workers=1, mode="async", epochs=0.1)
+    model = MlpModel(32)
+    x, y, _, _ = sim.digits()
+    w = model.init(torch.Generator().manual_seed(0))
+    batches = sim._Batches(len(y), SHORT["batch_size"], 0, 0)
+    g = torch.empty_like(w)
+    for _ in range(result.gradients):
+        b = batches.next()
+        model.grad(w, x[b], y[b], g)
+        w.add_(g, alpha=-SHORT["lr"])
+    assert torch.equal(result.weights, w)
+
+
+def test_sharding_does_not_change_the_math():
+    one = run(workers=4, mode="dcasgd-a", shards=1, compute="jitter")
+    three = run(workers=4, mode="dcasgd-a", shards=3, compute="jitter")
+    torch.testing.assert_close(one.weights, three.weights, rtol=1e-5, atol=1e-6)
+    assert one.staleness == three.staleness
+
+
+@pytest.mark.parametrize("hidden", [0, 16])
+def test_hand_written_gradient_matches_autograd(hidden):
+    model = MlpModel(hidden)
+    x, y, _, _ = sim.digits()
+    w = model.init(torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10)) if hidden else nn.Linear(64, 10)
+    names = [name for name, _ in net.named_parameters()]
+    assert tuple(names) == model.layout.names
+    with torch.no_grad():
+        for p, v in zip(net.parameters(), model.views(w), strict=True):
+            p.copy_(v)
+    F.cross_entropy(net(x[:40]), y[:40]).backward()
+    expected = torch.cat([p.grad.flatten() for p in net.parameters()])
+    got = torch.empty_like(w)
+    model.grad(w, x[:40], y[:40], got)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_history_records_test_accuracy_on_the_virtual_clock():
+    result = run(workers=4, mode="async", eval_every=2.0)
+    times = [t for t, _, _ in result.history]
+    assert times[0] == 0.0 and times == sorted(times)
+    assert times[1:4] == [2.0, 4.0, 6.0]
+    assert result.history[-1] == (result.virtual_time, result.updates, result.final_accuracy)
+    assert all(0.0 <= acc <= 1.0 for _, _, acc in result.history)
+    assert result.final_accuracy > result.history[0][2] + 0.1  # it learns something within half an epoch
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"workers": 0}, "workers must be in"),
+        ({"workers": 65}, "workers must be in"),
+        ({"mode": "adam"}, "Invalid mode"),
+        ({"compute": "fast"}, "compute must be one of"),
+        ({"compensation": "none"}, "compensation must be one of"),
+        ({"lr": 0.0}, "Invalid learning rate"),
+        ({"epochs": 0}, "epochs must be > 0"),
+        ({"compute": "straggler", "workers": 2, "stragglers": 3}, "stragglers must be in"),
+    ],
+)
+def test_config_refuses_invalid_values(fields, message):
+    with pytest.raises(ValueError, match=message):
+        SimConfig(**fields)
+
+
+@pytest.mark.timeout(120)
+def test_staleness_study_writes_json_and_png(tmp_path):
+    out = tmp_path / "staleness"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "staleness.py")]
+    cmd += ["--workers", "1", "4", "--seeds", "1", "--epochs", "0.3", "--jobs", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=110)
+    assert proc.returncode == 0, proc.stderr
+    assert "DC-ASGD-a per-parameter" in proc.stdout
+    doc = json.loads((out / "staleness.json").read_text())
+    methods = {(r["method"], r["workers"]) for r in doc["summary"]}
+    assert ("SGD", 1) in methods and ("DC-ASGD-a", 4) in methods and ("SSGD", 4) in methods
+    assert len(doc["runs"]) == 1 + 2 * 5
+    assert all(0.0 <= r["result"]["final_accuracy"] <= 1.0 for r in doc["runs"])
+    for name in ("staleness.png", "staleness_curves.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
