@@ -1,0 +1,58 @@
+"""benchmarks/speedup.py, run small: real local clusters, the JSON and the plots it writes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.timeout(90)
+def test_speedup_tiny_run_writes_json_and_plots(tmp_path):
+    out = tmp_path / "speedup"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "speedup.py"), "--workers", "1", "2", "--modes", "async", "sync",
+           "--epochs", "2", "--compute-ms", "0", "--target", "0.5", "--out", str(out)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=80, cwd=ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+    report = json.loads((out / "speedup.json").read_text())
+    assert {"argv", "args", "machine", "summary", "straggler_check", "runs", "simulation"} <= report.keys()
+    assert report["args"]["workers"] == [1, 2] and report["args"]["epochs"] == 2
+    assert {(r["mode"], r["workers"]) for r in report["runs"]} == {("async", 1), ("async", 2), ("sync", 1), ("sync", 2)}
+    for run in report["runs"]:
+        assert run["exit_code"] == 0 and run["error"] is None
+        assert len(run["per_worker"]) == run["workers"]
+        assert run["curve"] and all(len(row) == 3 for row in run["curve"])
+        assert run["final_accuracy"] > 0.5  # two epochs of digits
+    for row in report["summary"]:
+        assert {"time_to_target", "speedup", "speedup_vs_sync1", "final_accuracy"} <= row.keys()
+        assert row["time_to_target"] is not None  # 0.5 is reached within two epochs
+    assert report["summary"][0]["speedup"] == pytest.approx(1.0)  # async, M=1 is its own baseline
+    for name in ("speedup.png", "accuracy_vs_time.png"):
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 1000
+    assert "speedup" in done.stdout and "final acc" in done.stdout
+
+
+@pytest.mark.timeout(30)
+def test_speedup_time_to_target_and_sync_lr():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import speedup
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    curve = [[0.0, 0.1, 0], [0.5, 0.94, 10], [1.0, 0.96, 20], [1.5, 0.90, 30], [2.0, 0.97, 40]]
+    assert speedup.time_to_target(curve, 0.95) == 1.0
+    assert speedup.time_to_target(curve, 0.99) is None
+    a = speedup.parse_args(["--lr", "0.1"])
+    assert a.workers == [1, 2, 4, 8] and a.target == 0.95
+    assert speedup.lr_for("async", 8, a) == 0.1
+    assert speedup.lr_for("sync", 4, a) == pytest.approx(0.4)
+    assert speedup.lr_for("sync", 64, a) == pytest.approx(0.8)  # capped
+    assert speedup.parse_args(["--quick"]).workers == [1, 2, 4]
