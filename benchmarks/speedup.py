@@ -77,6 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--weight-decay", type=float, default=1e-4)
     ap.add_argument("--eval-every", type=int, default=2, help="worker 0's steps between two test evaluations")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--compensation", choices=["per-worker", "per-parameter"], default="per-worker",
+                    help="DC modes: the paper's backup per worker, or the per-parameter ablation")  # fmt: skip
     ap.add_argument("--quick", action="store_true", help=f"M in {QUICK['workers']}, {QUICK['epochs']:g} epochs, "
                     f"target {QUICK['target']} (unless given)")  # fmt: skip
     ap.add_argument("--simulate", action="store_true", help="also run the grid in dcasgd.sim, for --sim-workers")
@@ -118,7 +120,8 @@ def run_real(mode: str, workers: int, a: argparse.Namespace, tmp: Path) -> dict:
     load_before = os.getloadavg()[0]
     started = time.perf_counter()
     code, error = 1, None
-    with LocalCluster(command, shards=a.shards, workers=workers, mode=mode, server_args=["--log-level", "WARNING"],
+    server_args = ["--log-level", "WARNING", "--compensation", a.compensation]
+    with LocalCluster(command, shards=a.shards, workers=workers, mode=mode, server_args=server_args,
                       output=log) as cluster:  # fmt: skip
         try:
             cluster.start_servers()
@@ -155,7 +158,7 @@ def run_sim(mode: str, workers: int, a: argparse.Namespace) -> dict:
         workers=workers, mode=mode, lr=lr_for(mode, workers, a), batch_size=a.batch_size, epochs=a.epochs,
         compute="straggler" if straggle else "equal", jitter=0.0, straggler_k=a.straggler if straggle else 1.0,
         stragglers=1 if straggle else 0, seed=a.seed, hidden=a.hidden, shards=a.shards, eval_every=1.0,
-        weight_decay=a.weight_decay,
+        weight_decay=a.weight_decay, compensation=a.compensation,
     )  # fmt: skip
     result = simulate(config)
     unit = a.compute_ms / 1000.0 if a.compute_ms > 0 else 1.0

@@ -25,6 +25,12 @@ def _add_rule_options(p: argparse.ArgumentParser) -> list[argparse.Action]:
         p.add_argument("--eps", type=float, default=d.eps, help=f"DC-ASGD-a epsilon (default {d.eps})"),
         p.add_argument("--momentum", type=float, default=d.momentum, help="server-side momentum mu (default 0)"),
         p.add_argument("--sync-timeout", type=float, default=60.0, help="seconds a sync round waits (default 60)"),
+        p.add_argument(
+            "--compensation",
+            choices=["per-worker", "per-parameter"],
+            default="per-worker",
+            help="DC backup: per worker (the paper, default) or one per parameter (an ablation, for studies)",
+        ),
     ]
 
 
@@ -98,6 +104,7 @@ def cmd_server(a: argparse.Namespace) -> int:
                 mode=a.mode, lr=a.lr, lam=a.lam, lam0=a.lam0, ms_decay=a.ms_decay, eps=a.eps, momentum=a.momentum
             ),
             sync_timeout=a.sync_timeout,
+            compensation=a.compensation,
         )
     except ValueError as exc:
         print(f"dcasgd server: {exc}", file=sys.stderr)

@@ -58,8 +58,11 @@ def close_all(cs: list[Client]) -> None:
 class Reference:
     """The paper's rules in float64, one backup per worker."""
 
-    def __init__(self, w0: torch.Tensor, mode: str, m: int, lr: float, lam=0.04, lam0=2.0, decay=0.95, eps=1e-7):
+    def __init__(self, w0: torch.Tensor, mode: str, m: int, lr: float, lam=0.04, lam0=2.0, decay=0.95, eps=1e-7,
+                 per_parameter: bool = False):  # fmt: skip
         self.w = w0.double().clone()
+        self.per_parameter = per_parameter  # the ablation: one previous weight, refreshed at every update
+        self.prev = self.w.clone()
         self.mode, self.lr, self.lam, self.lam0, self.decay, self.eps = mode, lr, lam, lam0, decay, eps
         self.bak = [None] * m
         self.ms = torch.zeros_like(self.w)
@@ -70,13 +73,15 @@ class Reference:
 
     def push(self, worker: int, g: torch.Tensor) -> None:
         g = g.double()
+        bak = self.prev if self.per_parameter else self.bak[worker]
+        self.prev = self.w.clone()
         if self.mode == "async":
             d = g
         elif self.mode == "dcasgd":
-            d = g + self.lam * g * g * (self.w - self.bak[worker])
+            d = g + self.lam * g * g * (self.w - bak)
         else:
             self.ms = self.decay * self.ms + (1 - self.decay) * g * g
-            d = g + self.lam0 / torch.sqrt(self.ms + self.eps) * g * g * (self.w - self.bak[worker])
+            d = g + self.lam0 / torch.sqrt(self.ms + self.eps) * g * g * (self.w - bak)
         self.w = self.w - self.lr * d
 
 
@@ -105,18 +110,21 @@ def test_sync_matches_sequential_sgd_on_averaged_gradients(cluster_factory):
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("mode", ["async", "dcasgd", "dcasgd-a"])
-def test_scripted_interleaving_matches_float64_reference(cluster_factory, mode):
+@pytest.mark.parametrize(
+    "mode, compensation",
+    [("async", "per-worker"), ("dcasgd", "per-worker"), ("dcasgd-a", "per-worker"), ("dcasgd-a", "per-parameter")],
+)
+def test_scripted_interleaving_matches_float64_reference(cluster_factory, mode, compensation):
     m, lr = 3, 0.1
     # (worker, op): the workers' pulls and pushes interleave so that gradients are stale.
     script = [(0, "pull"), (1, "pull"), (2, "pull"), (0, "push_pull"), (1, "push_pull"), (2, "push_pull"),
               (1, "push_pull"), (0, "push_pull"), (1, "push"), (2, "push_pull"), (1, "pull"), (0, "push_pull"),
               (1, "push_pull"), (2, "push_pull")]  # fmt: skip
-    with cluster_factory(2, m, mode) as cl:
+    with cluster_factory(2, m, mode, "--compensation", compensation) as cl:
         cs = clients(cl.endpoints, m)
         w0 = start_weights()
         cs[0].init(w0)
-        ref = Reference(w0, mode, m, lr)
+        ref = Reference(w0, mode, m, lr, per_parameter=compensation == "per-parameter")
         local: list[torch.Tensor | None] = [None] * m
         for step, (i, op) in enumerate(script):
             if op == "pull":
