@@ -31,6 +31,12 @@ def _add_rule_options(p: argparse.ArgumentParser) -> list[argparse.Action]:
             default="per-worker",
             help="DC backup: per worker (the paper, default) or one per parameter (an ablation, for studies)",
         ),
+        p.add_argument(
+            "--non-finite",
+            choices=["refuse", "apply"],
+            default="refuse",
+            help="a gradient with NaN or Inf: refused with an error and counted (default), or applied unchecked",
+        ),
     ]
 
 
@@ -105,6 +111,7 @@ def cmd_server(a: argparse.Namespace) -> int:
             ),
             sync_timeout=a.sync_timeout,
             compensation=a.compensation,
+            non_finite=a.non_finite,
         )
     except ValueError as exc:
         print(f"dcasgd server: {exc}", file=sys.stderr)

@@ -49,6 +49,7 @@ BAD_LR = "bad_lr"
 NOT_INITIALIZED = "not_initialized"
 NO_WEIGHTS = "no_weights"
 ALREADY_PUSHED = "already_pushed"
+NON_FINITE = "non_finite"
 
 if sys.byteorder != "little":  # payloads are little-endian float32, read in place
     raise ImportError("dcasgd needs a little-endian host")

@@ -31,6 +31,7 @@ from .protocol import (
     BAD_SIZE,
     ITEMSIZE,
     NO_WEIGHTS,
+    NON_FINITE,
     NOT_INITIALIZED,
     ProtocolError,
     Request,
@@ -61,6 +62,9 @@ class ShardConfig:
     # the ablation that public implementations ship, one previous weight refreshed at every
     # update (so w - w_prev is the last update of anyone); for studies, not for training.
     compensation: str = "per-worker"
+    # What a gradient with NaN or Inf gets: "refuse" (an error reply, counted; costs one read
+    # of the gradient) or "apply" (no check).
+    non_finite: str = "refuse"
 
     def __post_init__(self) -> None:
         if not 0 <= self.shard < self.num_shards:
@@ -69,6 +73,8 @@ class ShardConfig:
             raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
         if not self.sync_timeout > 0:
             raise ValueError(f"sync_timeout must be > 0, got {self.sync_timeout}")
+        if self.non_finite not in ("refuse", "apply"):
+            raise ValueError(f"non_finite must be 'refuse' or 'apply', got {self.non_finite!r}")
         if self.compensation not in ("per-worker", "per-parameter"):
             raise ValueError(f"compensation must be 'per-worker' or 'per-parameter', got {self.compensation!r}")
 
@@ -133,6 +139,7 @@ class ShardState:
         self.updates = [0] * m
         self.staleness: Counter[int] = Counter()
         self.duplicates = 0
+        self.non_finite = 0  # gradients refused for NaN or Inf
         # Per worker, the last answer that carried weights, by (request id, op): a retried
         # request gets the very same answer, so the worker's backup stays the
         # snapshot it actually holds.
@@ -272,6 +279,9 @@ class ShardState:
                 return [repeat]
             fields = {"duplicate": True, "applied_seq": self.last_seq[worker]}
             return [self._remember(worker, (req.rid, req.op), self._push_reply(worker, want, fields))]
+        if self.config.non_finite == "refuse" and not bool(torch.isfinite(grad).all()):
+            self.non_finite += 1
+            raise ProtocolError(NON_FINITE, f"gradient from worker {worker} has NaN or Inf values: refused")
         if self.mode == "sync":
             return self._sync_push(req, lr, want, grad, now)
         staleness = self._record(worker, req.seq)
@@ -350,6 +360,7 @@ class ShardState:
             "last_seq": list(self.last_seq),
             "staleness": sorted(self.staleness.items()),
             "duplicates": self.duplicates,
+            "non_finite": self.non_finite,
             "rounds": self.rounds,
             "left_out": self.left_out,
             "live": sorted(self.live),
@@ -457,3 +468,95 @@ class ShardState:
         self._retired = still
         del self._free[2:]  # keep a couple for reuse, let the rest go
         return self._free.pop() if self._free else torch.empty(self.size)
+
+    # --- checkpoints (dcasgd/checkpoint.py writes and reads the files) -------------------
+
+    def export_state(self) -> dict[str, Any]:
+        """Everything a restarted shard needs, as plain values and the live tensors (write them out at once).
+
+        Distinct backups appear once in ``snapshots`` (``(version, tensor)``); ``backup_index``
+        says which one each worker holds. A sync round in progress is left out: its members'
+        ``last_seq``/``updates``/``staleness`` are rolled back, so that their retried pushes
+        are applied after a restart. Remembered answers are not kept either.
+        """
+        last_seq, updates, staleness = list(self.last_seq), list(self.updates), Counter(self.staleness)
+        for worker, p in self._round.items():
+            last_seq[worker] = p.seq - 1
+            updates[worker] -= 1
+            staleness[p.staleness] -= 1
+        snapshots: list[Snapshot] = []
+        backup_index: list[int | None] = []
+        for snap in self.backup:
+            if snap is None:
+                backup_index.append(None)
+                continue
+            for i, s in enumerate(snapshots):
+                if s is snap:
+                    break
+            else:
+                i = len(snapshots)
+                snapshots.append(snap)
+            backup_index.append(i)
+        return {
+            "initialized": self.initialized,
+            "fp": self.fp,
+            "layout": self.layout,
+            "n": self.n,
+            "lo": self.lo,
+            "hi": self.hi,
+            "version": self.version,
+            "last_seq": last_seq,
+            "updates": updates,
+            "received_version": list(self.received_version),
+            "staleness": sorted((k, v) for k, v in staleness.items() if v > 0),
+            "duplicates": self.duplicates,
+            "rounds": self.rounds,
+            "left_out": self.left_out,
+            "live": sorted(self.live),
+            "w": self.w,
+            "ms": self._ms,
+            "momentum": self._momentum,
+            "w_prev": self._w_prev,
+            "snapshots": [(s.version, s.tensor) for s in snapshots],
+            "backup_index": backup_index,
+        }
+
+    @classmethod
+    def from_state(cls, config: ShardConfig, state: dict[str, Any]) -> ShardState:
+        """A shard with the state :meth:`export_state` returned (tensors are taken, not copied).
+
+        Buffers that ``config`` needs and ``state`` lacks (say, momentum turned on) start at zero.
+        """
+        self = cls(config)
+        if not state["initialized"]:
+            return self
+        self.initialized = True
+        self.fp, self.layout = state["fp"], state["layout"]
+        self.n, self.lo, self.hi = state["n"], state["lo"], state["hi"]
+        self.version = state["version"]
+        self.last_seq = list(state["last_seq"])
+        self.updates = list(state["updates"])
+        self.received_version = list(state["received_version"])
+        self.staleness = Counter(dict(state["staleness"]))
+        self.duplicates = state["duplicates"]
+        self.rounds, self.left_out, self.live = state["rounds"], state["left_out"], set(state["live"])
+        self.w = state["w"]
+        size = self.size
+        self._scratch = [torch.empty(size), torch.empty(size)]
+        if self.mode == "dcasgd-a":
+            self._ms = state["ms"] if state["ms"] is not None else torch.zeros(size)
+        if config.rules.momentum > 0:
+            self._momentum = state["momentum"] if state["momentum"] is not None else torch.zeros(size)
+        if self.mode == "sync":
+            self._grad_sum = torch.zeros(size)
+        if config.compensation == "per-parameter":
+            self._w_prev = state["w_prev"] if state["w_prev"] is not None else self.w.clone()
+            self._w_pre = torch.empty(size)
+        snapshots = [Snapshot(t, v) for v, t in state["snapshots"]]
+        if self.mode in DC_MODES:
+            for worker, i in enumerate(state["backup_index"]):
+                if i is not None:
+                    snapshots[i].refs += 1
+                    self.backup[worker] = snapshots[i]
+        self._retired = snapshots  # their buffers are reused once no backup holds them
+        return self
