@@ -6,6 +6,7 @@ import os
 import select
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -132,3 +133,25 @@ def raw_peer():
     yield make
     for p in peers:
         p.close()
+
+
+def in_parallel(*calls, timeout: float = 60.0) -> list:
+    """Run the zero-argument ``calls`` in threads at once; their results, in order (errors re-raised)."""
+    results: list = [None] * len(calls)
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            results[i] = calls[i]()
+        except BaseException as exc:  # re-raised in the caller's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    assert not any(t.is_alive() for t in threads), f"calls still running after {timeout} s"
+    if errors:
+        raise errors[0]
+    return results

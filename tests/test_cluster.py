@@ -8,6 +8,7 @@ import threading
 
 import pytest
 import torch
+from conftest import in_parallel
 
 from dcasgd import Client, DcasgdError, ServerError, ShardTimeout
 
@@ -26,28 +27,6 @@ def start_weights(n: int = N) -> torch.Tensor:
 
 def clients(endpoints: list[str], m: int, **kw) -> list[Client]:
     return [Client(endpoints, worker_id=i, timeout=20.0, **kw) for i in range(m)]
-
-
-def in_parallel(*calls, timeout: float = 60.0) -> list:
-    """Run the zero-argument ``calls`` in threads at once; their results, in order (errors re-raised)."""
-    results: list = [None] * len(calls)
-    errors: list[BaseException] = []
-
-    def run(i: int) -> None:
-        try:
-            results[i] = calls[i]()
-        except BaseException as exc:  # re-raised in the caller's thread
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout)
-    assert not any(t.is_alive() for t in threads), f"calls still running after {timeout} s"
-    if errors:
-        raise errors[0]
-    return results
 
 
 def close_all(cs: list[Client]) -> None:
