@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from . import rules
+from . import rules, security
 from .server import DEFAULT_BIND, run_server
 from .shard import ShardConfig
 
@@ -49,6 +50,25 @@ def _add_server(sub: argparse._SubParsersAction) -> None:
     _add_rule_options(p)
     p.add_argument("--threads", type=int, default=0, help="torch threads for the rules (default: one per core)")
     p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    p.add_argument("--checkpoint-dir", metavar="DIR", help="write the shard's whole state to DIR (and on SIGTERM)")
+    p.add_argument(
+        "--checkpoint-every",
+        type=float,
+        metavar="SECONDS",
+        help="seconds between checkpoints when the weights changed (default 60 with --checkpoint-dir; 0: on stop only)",
+    )
+    p.add_argument("--resume", action="store_true", help="start from the newest checkpoint in --checkpoint-dir")
+    p.add_argument(
+        "--curve-secret-key",
+        metavar="FILE",
+        help="CURVE: this shard's NAME.key_secret (from dcasgd keygen); with --curve-clients all traffic is "
+        "encrypted and only the listed workers get in. Workers need the pair's public NAME.key",
+    )
+    p.add_argument(
+        "--curve-clients",
+        metavar="DIR",
+        help="CURVE: directory of the public keys (*.key) of the workers allowed to connect (read at start)",
+    )
 
 
 def _add_launch(sub: argparse._SubParsersAction) -> None:
@@ -75,6 +95,30 @@ def _add_status(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("status", help="print the stats of one or more shards as a table")
     p.add_argument("endpoints", nargs="+", help="shard endpoints, e.g. tcp://127.0.0.1:5555")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each shard (default 5)")
+    p.add_argument(
+        "--curve-key",
+        metavar="FILE",
+        default=os.environ.get(security.ENV_KEY) or None,
+        help=f"CURVE: your NAME.key_secret, for shards run with CURVE (default ${security.ENV_KEY})",
+    )
+    p.add_argument(
+        "--curve-server-key",
+        metavar="FILE",
+        default=os.environ.get(security.ENV_SERVER_KEY) or None,
+        help=f"CURVE: the shards' public NAME.key (default ${security.ENV_SERVER_KEY})",
+    )
+
+
+def _add_keygen(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "keygen",
+        help="write a CURVE key pair: DIR/NAME.key (public) and DIR/NAME.key_secret (secret, mode 0600)",
+        description="Write a CURVE key pair for a shard or a worker. Give the shard its NAME.key_secret "
+        "(--curve-secret-key) and each worker the shard's public NAME.key; copy each worker's public "
+        "NAME.key into the shard's --curve-clients directory. Never copy a .key_secret file.",
+    )
+    p.add_argument("dir", help="directory to write the two files to (created if missing)")
+    p.add_argument("--name", default=security.DEFAULT_NAME, help=f"file name stem (default {security.DEFAULT_NAME})")
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
@@ -95,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_server(sub)
     _add_launch(sub)
     _add_status(sub)
+    _add_keygen(sub)
     _add_demo(sub)
     return parser
 
@@ -116,7 +161,22 @@ def cmd_server(a: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"dcasgd server: {exc}", file=sys.stderr)
         return 2
-    return run_server(a.bind, cfg, threads=a.threads)
+    try:
+        security.check_server_options(a.curve_secret_key, a.curve_clients)
+    except security.SecurityError as exc:
+        print(f"dcasgd server: error: {exc}", file=sys.stderr)
+        return 2
+    if a.checkpoint_dir is None and (a.resume or a.checkpoint_every is not None):
+        print("dcasgd server: error: --resume and --checkpoint-every need --checkpoint-dir", file=sys.stderr)
+        return 2
+    every = (60.0 if a.checkpoint_dir else 0.0) if a.checkpoint_every is None else a.checkpoint_every
+    if not every >= 0:
+        print(f"dcasgd server: error: --checkpoint-every must be >= 0, got {every}", file=sys.stderr)
+        return 2
+    ckpt = {"checkpoint_dir": a.checkpoint_dir, "checkpoint_every": every, "resume": a.resume}
+    return run_server(
+        a.bind, cfg, threads=a.threads, curve_secret_key=a.curve_secret_key, curve_clients=a.curve_clients, **ckpt
+    )
 
 
 def cmd_launch(a: argparse.Namespace) -> int:
@@ -172,14 +232,25 @@ def cmd_status(a: argparse.Namespace) -> int:
     code = 0
     for ep in a.endpoints:
         try:
-            stats = fetch_stats(ep, timeout=a.timeout)
-        except DcasgdError as exc:
+            stats = fetch_stats(ep, timeout=a.timeout, curve_key=a.curve_key, server_key=a.curve_server_key)
+        except (DcasgdError, security.SecurityError) as exc:
             print(f"dcasgd status: {exc}", file=sys.stderr)
             code = 1
             continue
         print(f"== {ep}")
         print(format_stats(stats))
     return code
+
+
+def cmd_keygen(a: argparse.Namespace) -> int:
+    try:
+        public, secret = security.generate_keypair(a.dir, a.name)
+    except (security.SecurityError, OSError) as exc:
+        print(f"dcasgd keygen: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"public key {public}  (copy it: a shard's key to its workers, a worker's key to the shards' clients dir)")
+    print(f"secret key {secret}  (keep it on this machine)")
+    return 0
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
@@ -190,7 +261,13 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    commands = {"server": cmd_server, "launch": cmd_launch, "status": cmd_status, "demo": cmd_demo}
+    commands = {
+        "server": cmd_server,
+        "launch": cmd_launch,
+        "status": cmd_status,
+        "demo": cmd_demo,
+        "keygen": cmd_keygen,
+    }
     return commands[a.command](a)
 
 

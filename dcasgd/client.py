@@ -12,6 +12,7 @@ names the shard that did not answer.
 from __future__ import annotations
 
 import itertools
+import os
 import random
 import time
 from collections.abc import Sequence
@@ -25,6 +26,7 @@ from . import protocol
 from .env import parse_servers
 from .layout import flat_fingerprint, shard_ranges
 from .memory import keep_freed_memory
+from .security import client_keys
 
 _COPY_THRESHOLD = 64 * 1024  # below this ZeroMQ copies anyway, and tracking costs more than it saves
 
@@ -55,6 +57,9 @@ class Client:
     comma-separated string, or None for ``DCASGD_SERVERS``. ``worker_id``: this
     worker's id in ``[0, num_workers)``. ``timeout``: seconds to wait for one
     shard's answer to one try; ``retries``: extra tries after a timeout.
+    ``curve_key``: this worker's ``.key_secret`` file and ``server_key``: the shards'
+    public ``.key`` file (or its Z85 text), for shards that run with CURVE; by default
+    ``DCASGD_CURVE_KEY`` and ``DCASGD_CURVE_SERVER_KEY``; neither set: no encryption.
 
     Usage::
 
@@ -76,6 +81,8 @@ class Client:
         retries: int = 2,
         fingerprint: str | None = None,
         context: zmq.Context | None = None,
+        curve_key: str | os.PathLike[str] | None = None,
+        server_key: str | os.PathLike[str] | None = None,
     ) -> None:
         self.servers = list(parse_servers(servers))
         keep_freed_memory()  # each reply would otherwise land in freshly faulted pages
@@ -87,6 +94,7 @@ class Client:
         self.timeout = float(timeout)
         self.retries = int(retries)
         self.fingerprint = fingerprint
+        self._curve = client_keys(curve_key, server_key)  # None: plain sockets
         self._own_ctx = context is None
         self._ctx = context or zmq.Context(io_threads=max(1, min(4, len(self.servers))))
         self._socks = [self._connect(ep) for ep in self.servers]
@@ -96,7 +104,11 @@ class Client:
         self.n: int | None = None
         self.ranges: list[tuple[int, int]] = []
         self.shard_info: list[dict[str, Any]] = []
-        self.hello()
+        try:
+            self.hello()
+        except BaseException:
+            self.close()  # no half-made client keeps sockets and a context alive
+            raise
         self._seq = max(info["last_seq"] for info in self.shard_info)
 
     # --- public API ------------------------------------------------------------------
@@ -204,6 +216,8 @@ class Client:
     def _connect(self, endpoint: str) -> zmq.Socket:
         s = self._ctx.socket(zmq.DEALER)
         s.setsockopt(zmq.LINGER, 0)
+        if self._curve is not None:
+            self._curve.apply(s)
         s.connect(endpoint)
         return s
 
@@ -355,15 +369,25 @@ class Client:
         return h
 
 
-def fetch_stats(endpoint: str, timeout: float = 5.0, context: zmq.Context | None = None) -> dict[str, Any]:
+def fetch_stats(
+    endpoint: str,
+    timeout: float = 5.0,
+    context: zmq.Context | None = None,
+    curve_key: str | os.PathLike[str] | None = None,
+    server_key: str | os.PathLike[str] | None = None,
+) -> dict[str, Any]:
     """One shard's stats, asked by an observer that is not a worker (``dcasgd status``, ``dcasgd demo``).
 
+    ``curve_key`` / ``server_key``: as for :class:`Client`, but given explicitly (no environment).
     Raises :class:`ShardTimeout` after ``timeout`` seconds, :class:`ServerError` on an error reply.
     """
+    keys = client_keys(curve_key, server_key) if curve_key is not None or server_key is not None else None
     ctx = context or zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     try:
+        if keys is not None:
+            keys.apply(sock)
         sock.connect(endpoint)
         sock.send(protocol.pack({"v": protocol.PROTOCOL_VERSION, "op": "stats", "rid": 1}))
         if not sock.poll(int(timeout * 1000)):

@@ -50,6 +50,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TextIO
 
 from . import env as job_env
+from . import security
 from .rules import MODES
 
 _LISTENING = re.compile(r"^dcasgd shard (\d+)/(\d+) listening on (\S+)")
@@ -208,6 +209,10 @@ class LocalCluster:
         if self._workers:
             raise RuntimeError("start_workers() was already called")
         base = {**os.environ, **self.env}
+        # The local shards run without CURVE: keys meant for a remote job would make every request unanswered.
+        for name in (security.ENV_KEY, security.ENV_SERVER_KEY):
+            if name not in self.env:
+                base.pop(name, None)
         base.setdefault("OMP_NUM_THREADS", "1")
         base.setdefault("PYTHONUNBUFFERED", "1")
         base[job_env.SERVERS] = ",".join(self.endpoints)

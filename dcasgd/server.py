@@ -10,7 +10,10 @@ message are dropped and counted; nothing a peer sends stops the loop.
 from __future__ import annotations
 
 import logging
+import os
+import secrets
 import signal
+import sys
 import threading
 import time
 from collections import Counter
@@ -19,7 +22,7 @@ from typing import Any
 import torch
 import zmq
 
-from . import protocol
+from . import checkpoint, protocol, security
 from .memory import keep_freed_memory
 from .protocol import MalformedMessage, ProtocolError
 from .shard import Reply, ShardConfig, ShardState
@@ -44,10 +47,17 @@ class ShardServer:
         config: ShardConfig,
         *,
         max_header_bytes: int = protocol.DEFAULT_MAX_HEADER_BYTES,
+        checkpoint_dir: str | os.PathLike[str] | None = None,
+        checkpoint_every: float = 0.0,
+        resume: bool = False,
         context: zmq.Context | None = None,
+        curve_secret_key: str | os.PathLike[str] | None = None,
+        curve_clients: str | os.PathLike[str] | None = None,
     ) -> None:
+        secured = security.check_server_options(curve_secret_key, curve_clients)  # both or neither
         self.config = config
         self.shard = ShardState(config)
+        self._setup_checkpoints(checkpoint_dir, checkpoint_every, resume)  # with resume, replaces self.shard
         self.max_header_bytes = max_header_bytes
         self._ctx = context or zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.ROUTER)
@@ -55,10 +65,14 @@ class ShardServer:
         self._sock.setsockopt(zmq.LINGER, 1000)
         self._sock.setsockopt(zmq.SNDHWM, 10_000)
         self._sock.setsockopt(zmq.RCVHWM, 10_000)
+        self._auth = None
+        if secured:  # CURVE: encrypted, and only workers whose public keys are in curve_clients get through
+            self._auth = security.secure_server_socket(self._sock, self._ctx, curve_secret_key, curve_clients)
         if bind.endswith(":0"):
             bind = bind[:-2] + ":*"
         self._sock.bind(bind)
         self.endpoint: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        security.warn_if_exposed(self.endpoint, secured)
         self._stop = threading.Event()
         self.counters: Counter[str] = Counter()
         # (identity, rid, op) of sync pushes waiting for their round, per worker.
@@ -70,6 +84,8 @@ class ShardServer:
 
     def close(self) -> None:
         self._sock.close()
+        if self._auth is not None:
+            self._auth.stop()
 
     def serve(self) -> None:
         """Serve requests until :meth:`stop` is called."""
@@ -98,6 +114,8 @@ class ShardServer:
                     self.handle(frames)
             for reply in self.shard.expire(time.monotonic()):
                 self._send_reply(reply, self._deferred.pop(reply.worker, None))
+            self._maybe_checkpoint()
+        self._checkpoint("on stop")
 
     # --- one message ---------------------------------------------------------------
 
@@ -143,7 +161,7 @@ class ShardServer:
         if req.op == "stats":
             return [Reply(req.worker, self.stats())]
         if req.op == "hello":
-            return [Reply(req.worker, self.shard.hello(req.worker))]
+            return [Reply(req.worker, {**self.shard.hello(req.worker), **self._restart_info()})]
         if req.op == "init":
             return [self.shard.init(req, _as_tensor(payloads[0]))]
         if req.op == "pull":
@@ -154,7 +172,56 @@ class ShardServer:
         """The shard's counters plus the server's (messages, bytes, drops, errors)."""
         s = self.shard.stats()
         s["server"] = dict(self.counters)
+        s.update(self._restart_info())
         return s
+
+    # --- checkpoints (dcasgd/checkpoint.py) ------------------------------------------
+
+    def _setup_checkpoints(self, directory: str | os.PathLike[str] | None, every: float, resume: bool) -> None:
+        if (resume or every > 0) and directory is None:
+            raise checkpoint.CheckpointError("resume and checkpoint_every need a checkpoint directory")
+        self.checkpoint_dir = directory
+        self.checkpoint_every = float(every)
+        self.instance = secrets.token_hex(8)  # new at every start: clients can tell that a shard restarted
+        self.resumed_from_version: int | None = None
+        if resume:
+            self.shard = checkpoint.load(directory, self.config)
+            self.resumed_from_version = self.shard.version
+            log.info("shard %d: resumed at version %d from %s", self.config.shard, self.shard.version, directory)
+        self._ckpt_version = self.resumed_from_version
+        self._ckpt_time = time.monotonic()
+
+    def _restart_info(self) -> dict[str, Any]:
+        return {"instance": self.instance, "resumed_from_version": self.resumed_from_version}
+
+    def _maybe_checkpoint(self) -> None:
+        """A checkpoint if ``checkpoint_every`` seconds passed since the last one and the version moved."""
+        if self.checkpoint_every <= 0 or self.shard.version == self._ckpt_version:
+            return
+        if time.monotonic() - self._ckpt_time >= self.checkpoint_every:
+            self._ckpt_time = time.monotonic()  # a failed write is retried after another period, not at once
+            self._checkpoint("periodic")
+
+    def _checkpoint(self, why: str) -> None:
+        """Write the shard's state to ``checkpoint_dir`` now (if it has weights); a failure is logged."""
+        if self.checkpoint_dir is None or not self.shard.initialized:
+            return
+        start = time.monotonic()
+        try:
+            path = checkpoint.save(self.shard, self.checkpoint_dir)
+        except (OSError, checkpoint.CheckpointError) as exc:
+            log.error("shard %d: %s checkpoint at v%d failed: %s", self.config.shard, why, self.shard.version, exc)
+            return
+        self._ckpt_version = self.shard.version
+        self._ckpt_time = time.monotonic()
+        log.info(
+            "shard %d: %s checkpoint at version %d in %.3f s: %s",
+            self.config.shard,
+            why,
+            self.shard.version,
+            self._ckpt_time - start,
+            path,
+        )
 
     # --- replies -------------------------------------------------------------------
 
@@ -206,7 +273,11 @@ def run_server(bind: str, config: ShardConfig, *, threads: int = 0, **kwargs: An
     keep_freed_memory()
     if threads > 0:
         torch.set_num_threads(threads)
-    server = ShardServer(bind, config, **kwargs)
+    try:
+        server = ShardServer(bind, config, **kwargs)
+    except checkpoint.CheckpointError as exc:
+        print(f"dcasgd server: {exc}", file=sys.stderr)
+        return 2
 
     def _on_signal(signum: int, _frame: Any) -> None:
         log.info("shard %d: signal %d, stopping", config.shard, signum)

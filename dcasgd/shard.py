@@ -485,18 +485,13 @@ class ShardState:
             updates[worker] -= 1
             staleness[p.staleness] -= 1
         snapshots: list[Snapshot] = []
+        index: dict[int, int] = {}  # id(snapshot) -> its place in snapshots
         backup_index: list[int | None] = []
         for snap in self.backup:
-            if snap is None:
-                backup_index.append(None)
-                continue
-            for i, s in enumerate(snapshots):
-                if s is snap:
-                    break
-            else:
-                i = len(snapshots)
+            if snap is not None and id(snap) not in index:
+                index[id(snap)] = len(snapshots)
                 snapshots.append(snap)
-            backup_index.append(i)
+            backup_index.append(None if snap is None else index[id(snap)])
         return {
             "initialized": self.initialized,
             "fp": self.fp,
@@ -510,6 +505,7 @@ class ShardState:
             "received_version": list(self.received_version),
             "staleness": sorted((k, v) for k, v in staleness.items() if v > 0),
             "duplicates": self.duplicates,
+            "non_finite": self.non_finite,
             "rounds": self.rounds,
             "left_out": self.left_out,
             "live": sorted(self.live),
@@ -538,7 +534,7 @@ class ShardState:
         self.updates = list(state["updates"])
         self.received_version = list(state["received_version"])
         self.staleness = Counter(dict(state["staleness"]))
-        self.duplicates = state["duplicates"]
+        self.duplicates, self.non_finite = state["duplicates"], state.get("non_finite", 0)
         self.rounds, self.left_out, self.live = state["rounds"], state["left_out"], set(state["live"])
         self.w = state["w"]
         size = self.size
