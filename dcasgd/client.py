@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import zmq
 from torch import Tensor
+from zmq.utils import monitor as zmq_monitor
 
 from . import protocol
 from .env import parse_servers
@@ -79,6 +80,7 @@ class Client:
         *,
         timeout: float = 30.0,
         retries: int = 2,
+        reconnect_timeout: float = 120.0,
         fingerprint: str | None = None,
         context: zmq.Context | None = None,
         curve_key: str | os.PathLike[str] | None = None,
@@ -93,10 +95,12 @@ class Client:
         self.worker_id = worker_id
         self.timeout = float(timeout)
         self.retries = int(retries)
+        self.reconnect_timeout = float(reconnect_timeout)
         self.fingerprint = fingerprint
         self._curve = client_keys(curve_key, server_key)  # None: plain sockets
         self._own_ctx = context is None
         self._ctx = context or zmq.Context(io_threads=max(1, min(4, len(self.servers))))
+        self._monitors: dict[zmq.Socket, zmq.Socket] = {}
         self._socks = [self._connect(ep) for ep in self.servers]
         # Request ids start at random so that a restarted worker never repeats one the shard remembers.
         self._rids = itertools.count(random.getrandbits(48))
@@ -140,6 +144,7 @@ class Client:
                     f"worker_id {self.worker_id} is out of range for a job of {info['num_workers']} workers"
                 )
         self.shard_info = replies
+        self._instances = [info.get("instance") for info in replies]
         if all(info["initialized"] for info in replies):
             self._adopt(replies[0]["n"], replies[0]["fp"])
         return replies
@@ -175,7 +180,7 @@ class Client:
         """The current weights of every shard (1-D float32). Written into ``out`` if given."""
         self._need_layout()
         out = self._out(out)
-        self._call_all("pull", [{"fp": self.fingerprint}] * self.num_shards, out=out)
+        self._recovering("pull", {"fp": self.fingerprint}, out=out)
         return out
 
     def push(self, g: Tensor, lr: float | None = None) -> list[dict[str, Any]]:
@@ -200,6 +205,7 @@ class Client:
     def close(self) -> None:
         """Close the sockets (and the ZeroMQ context if this client made it)."""
         for s in self._socks:
+            self._monitors.pop(s).close(linger=0)
             s.close(linger=0)
         self._socks = []
         if self._own_ctx:
@@ -218,12 +224,17 @@ class Client:
         s.setsockopt(zmq.LINGER, 0)
         if self._curve is not None:
             self._curve.apply(s)
+        # A request in flight when a shard dies is lost with it; ZeroMQ reconnects by itself, and
+        # this monitor says when, so the request goes again at once instead of after the timeout.
+        self._monitors[s] = s.get_monitor_socket(zmq.EVENT_CONNECTED)
         s.connect(endpoint)
         return s
 
     def _reset(self, s: int) -> None:
         """Replace shard ``s``'s socket, discarding what is still queued for it."""
-        self._socks[s].close(linger=0)
+        old = self._socks[s]
+        self._monitors.pop(old).close(linger=0)
+        old.close(linger=0)
         self._socks[s] = self._connect(self.servers[s])
 
     def _adopt(self, n: int, fp: str) -> None:
@@ -258,7 +269,47 @@ class Client:
         header = {"fp": self.fingerprint, "seq": self._seq}
         if lr is not None:
             header["lr"] = float(lr)
-        return self._call_all(op, [header] * self.num_shards, payload=g, ranges=self.ranges, out=out)
+        return self._recovering(op, header, payload=g, out=out)
+
+    def _recovering(self, op: str, header: dict[str, Any], **kw: Any) -> list[dict[str, Any]]:
+        """``op`` on every shard, riding through a shard that restarts.
+
+        A shard that stops answering is asked again (hello, with backoff) for up to
+        ``reconnect_timeout`` seconds. Requests name the shard instance they mean; a
+        restarted shard refuses them (``restarted``), and then this worker says hello,
+        pulls (so the shard's backup is what the worker holds) and sends the same
+        request again, same seq: shards that already applied it answer it as a duplicate.
+        """
+        deadline = time.monotonic() + self.reconnect_timeout
+        while True:
+            headers = [{**header, "instance": inst} if inst else header for inst in self._instances]
+            try:
+                return self._call_all(op, headers, **kw)
+            except (ShardTimeout, ServerError) as exc:
+                if isinstance(exc, ServerError) and exc.code not in (protocol.RESTARTED, protocol.NOT_INITIALIZED):
+                    raise
+                if time.monotonic() > deadline:
+                    raise
+                self._await_shards(deadline)
+                if op != "pull":
+                    scratch = torch.empty(self.n, dtype=torch.float32)  # rare: one model-size buffer per restart
+                    self._call_all("pull", [{"fp": self.fingerprint, "instance": i} for i in self._instances],
+                                   out=scratch)  # fmt: skip
+
+    def _await_shards(self, deadline: float) -> None:
+        """Say hello until every shard answers with weights, backing off up to 2 s between tries."""
+        pause = 0.1
+        while True:
+            try:
+                if all(info["initialized"] for info in self.hello()):
+                    return
+                last = DcasgdError("a shard restarted without its weights: start it with --resume")
+            except (ShardTimeout, ServerError) as exc:
+                last = exc
+            if time.monotonic() + pause > deadline:
+                raise last
+            time.sleep(pause)  # waiting for a restarting process; every hello has its own deadline
+            pause = min(2.0, pause * 2)
 
     def _call_all(
         self,
@@ -291,9 +342,10 @@ class Client:
         tries = [0] * self.num_shards
         deadline = [0.0] * self.num_shards
 
-        def send(s: int) -> None:
-            tries[s] += 1
-            deadline[s] = time.monotonic() + self.timeout
+        def send(s: int, retry: bool = True) -> None:
+            if retry:  # a resend on reconnection is not a try: the deadline stands
+                tries[s] += 1
+                deadline[s] = time.monotonic() + self.timeout
             *head, last = msgs[s]
             for f in head:
                 self._socks[s].send(f, zmq.SNDMORE)
@@ -305,6 +357,8 @@ class Client:
         poller = zmq.Poller()
         for sock in self._socks:
             poller.register(sock, zmq.POLLIN)
+            poller.register(self._monitors[sock], zmq.POLLIN)
+        shard_of_monitor = {self._monitors[sock]: s for s, sock in enumerate(self._socks)}
         errors: list[ServerError] = []
         try:
             for s in range(self.num_shards):
@@ -321,6 +375,12 @@ class Client:
                         send(s)  # same rid and seq: the shard applies a push at most once
                 wait = min(deadline[s] for s in range(self.num_shards) if replies[s] is None) - time.monotonic()
                 for sock, _ in poller.poll(max(0, int(wait * 1000)) + 1):
+                    if sock in shard_of_monitor:
+                        s = shard_of_monitor[sock]
+                        zmq_monitor.recv_monitor_message(sock)
+                        if replies[s] is None:
+                            send(s, retry=False)  # (re)connected while waiting: what was in flight may be lost
+                        continue
                     s = self._socks.index(sock)
                     reply = self._receive(s, rid, out if replies[s] is None else None, ranges)
                     if reply is None or replies[s] is not None:

@@ -50,6 +50,7 @@ NOT_INITIALIZED = "not_initialized"
 NO_WEIGHTS = "no_weights"
 ALREADY_PUSHED = "already_pushed"
 NON_FINITE = "non_finite"
+RESTARTED = "restarted"
 
 if sys.byteorder != "little":  # payloads are little-endian float32, read in place
     raise ImportError("dcasgd needs a little-endian host")
@@ -87,6 +88,7 @@ class Request:
     nbytes: int | None = None
     lr: float | None = None
     layout: list[list[Any]] | None = None
+    instance: str | None = None
 
 
 def pack(header: dict[str, Any]) -> bytes:
@@ -171,6 +173,9 @@ def validate_request(h: dict[str, Any], num_workers: int, payload_frames: int) -
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
             raise ProtocolError(BAD_LR, f"lr must be a finite number > 0, got {lr!r}")
         lr = float(lr)
+    instance = h.get("instance")
+    if instance is not None and (not isinstance(instance, str) or len(instance) > 64):
+        raise ProtocolError(BAD_HEADER, "field 'instance' must be a short string")
     n = lo_ = hi_ = layout = None
     if op == "init":
         n = _int(h, "n")
@@ -178,7 +183,18 @@ def validate_request(h: dict[str, Any], num_workers: int, payload_frames: int) -
         hi_ = _int(h, "hi")
         layout = _layout(h.get("layout"))
     return Request(
-        op=op, rid=rid, worker=worker, seq=seq, fp=fp, n=n, lo=lo_, hi=hi_, nbytes=nbytes, lr=lr, layout=layout
+        op=op,
+        rid=rid,
+        worker=worker,
+        seq=seq,
+        fp=fp,
+        n=n,
+        lo=lo_,
+        hi=hi_,
+        nbytes=nbytes,
+        lr=lr,
+        layout=layout,
+        instance=instance,
     )
 
 

@@ -139,6 +139,11 @@ class ShardServer:
                 raise ProtocolError(
                     protocol.BAD_SIZE, f"header says {req.nbytes} payload bytes, frame has {len(payloads[0])}"
                 )
+            if req.instance is not None and req.instance != self.instance:
+                # The worker talks to a shard that has since restarted: its backup here is not what it holds.
+                raise ProtocolError(
+                    protocol.RESTARTED, f"shard {self.config.shard} restarted (now {self.instance}); say hello and pull"
+                )
             self.shard.check(req)
             route = (ident, req.rid, req.op)
             replies = self._dispatch(req, payloads)
