@@ -50,6 +50,19 @@ def _add_server(sub: argparse._SubParsersAction) -> None:
     _add_rule_options(p)
     p.add_argument("--threads", type=int, default=0, help="torch threads for the rules (default: one per core)")
     p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    p.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=0,
+        help="largest frame a peer may send; a peer that sends more is disconnected (ZeroMQ MAXMSGSIZE; "
+        "default 0: no limit beyond the header checks). Set it above 4 x the largest shard slice",
+    )
+    p.add_argument(
+        "--max-header-bytes",
+        type=int,
+        default=64 * 1024,
+        help="a larger header frame is dropped and counted (default 65536)",
+    )
     p.add_argument("--checkpoint-dir", metavar="DIR", help="write the shard's whole state to DIR (and on SIGTERM)")
     p.add_argument(
         "--checkpoint-every",
@@ -175,7 +188,14 @@ def cmd_server(a: argparse.Namespace) -> int:
         return 2
     ckpt = {"checkpoint_dir": a.checkpoint_dir, "checkpoint_every": every, "resume": a.resume}
     return run_server(
-        a.bind, cfg, threads=a.threads, curve_secret_key=a.curve_secret_key, curve_clients=a.curve_clients, **ckpt
+        a.bind,
+        cfg,
+        threads=a.threads,
+        curve_secret_key=a.curve_secret_key,
+        curve_clients=a.curve_clients,
+        max_message_bytes=a.max_message_bytes,
+        max_header_bytes=a.max_header_bytes,
+        **ckpt,
     )
 
 

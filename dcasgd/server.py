@@ -47,6 +47,7 @@ class ShardServer:
         config: ShardConfig,
         *,
         max_header_bytes: int = protocol.DEFAULT_MAX_HEADER_BYTES,
+        max_message_bytes: int = 0,
         checkpoint_dir: str | os.PathLike[str] | None = None,
         checkpoint_every: float = 0.0,
         resume: bool = False,
@@ -65,6 +66,8 @@ class ShardServer:
         self._sock.setsockopt(zmq.LINGER, 1000)
         self._sock.setsockopt(zmq.SNDHWM, 10_000)
         self._sock.setsockopt(zmq.RCVHWM, 10_000)
+        if max_message_bytes > 0:  # ZeroMQ drops the connection of a peer that sends a larger frame
+            self._sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
         self._auth = None
         if secured:  # CURVE: encrypted, and only workers whose public keys are in curve_clients get through
             self._auth = security.secure_server_socket(self._sock, self._ctx, curve_secret_key, curve_clients)

@@ -445,3 +445,23 @@ def test_after_all_bad_input_a_good_push_pull_is_applied_once(job, raw_peer):
     reply, [w2] = peer.request(head("push_pull"), G)
     assert reply["ok"] is True and "duplicate" not in reply and reply["version"] == 2
     assert state_of(job.client).shard["last_seq"] == [1, 1, 0]
+
+
+@pytest.mark.timeout(60)
+def test_user_set_limits_on_message_and_header_size(cluster_factory, raw_peer):
+    """--max-message-bytes: ZeroMQ disconnects a peer whose frame is larger; --max-header-bytes: dropped, counted."""
+    with cluster_factory(1, 1, "async", "--max-message-bytes", "4096", "--max-header-bytes", "200") as cl:
+        good = Client(cl.endpoints, worker_id=0, timeout=5.0)
+        good.init(torch.zeros(16))
+        big = raw_peer(cl.endpoints[0])
+        big.send(b"\x00" * 100_000)  # larger than MAXMSGSIZE: the connection goes, nothing reaches the shard
+        header = raw_peer(cl.endpoints[0])
+        header.send(msgpack.packb({"v": 1, "op": "stats", "rid": 1, "pad": "x" * 300}))  # a 300-byte header
+        reply, _ = header.request({"v": 1, "op": "stats", "rid": 2})  # answered after the big header was seen
+        assert reply["rid"] == 2 and reply["server"]["dropped"] == 1
+        stats = good.stats()[0]
+        # Without the limit the 100 kB frame would have been read (and dropped as a header) too.
+        assert stats["server"]["dropped"] == 1 and stats["server"]["bytes_in"] < 100_000 and stats["version"] == 0
+        assert big.recv(timeout=0.2) is None
+        assert torch.equal(good.pull(), torch.zeros(16))  # still answering
+        good.close()
