@@ -15,6 +15,10 @@ from pathlib import Path
 import msgpack
 import pytest
 import zmq
+from torch import Tensor
+
+from dcasgd.protocol import ITEMSIZE, Request
+from dcasgd.shard import ShardState
 
 START_TIMEOUT = 30.0  # seconds for a shard process to report its endpoint
 
@@ -155,3 +159,24 @@ def in_parallel(*calls, timeout: float = 60.0) -> list:
     if errors:
         raise errors[0]
     return results
+
+
+class ShardDriver:
+    """Feeds one ShardState requests the way ``ShardServer._dispatch`` does: ``check`` first, then the op."""
+
+    def __init__(self, state: ShardState, fp: str = "test-layout") -> None:
+        self.state = state
+        self.fp = fp
+        self.rid = 0
+
+    def call(self, op: str, worker: int, payload: Tensor | None = None, **fields):
+        """The replies to one request; ``payload`` (float32, this shard's slice) for init and pushes."""
+        self.rid += 1
+        nbytes = None if payload is None else payload.numel() * ITEMSIZE
+        req = Request(op=op, rid=self.rid, worker=worker, fp=self.fp, nbytes=nbytes, **fields)
+        self.state.check(req)
+        if op == "init":
+            return [self.state.init(req, payload)]
+        if op == "pull":
+            return [self.state.pull(worker, req.rid)]
+        return self.state.push(req, payload.clone(), now=0.0)

@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import stop_process
+from conftest import ShardDriver, stop_process
 from torch import Tensor
 
 from dcasgd import Client, checkpoint
 from dcasgd.checkpoint import CheckpointError
-from dcasgd.protocol import ITEMSIZE, Request
 from dcasgd.rules import RuleConfig
 from dcasgd.shard import ShardConfig, ShardState
 
@@ -27,32 +26,13 @@ def config(mode: str = "dcasgd-a", m: int = 3, momentum: float = 0.9, **kw) -> S
     return ShardConfig(num_workers=m, rules=RuleConfig(mode=mode, lr=0.1, momentum=momentum), **kw)
 
 
-class Driver:
-    """Feeds one ShardState requests the way ShardServer._dispatch does."""
-
-    def __init__(self, state: ShardState) -> None:
-        self.state = state
-        self.rid = 0
-
-    def call(self, op: str, worker: int, payload: Tensor | None = None, **fields):
-        self.rid += 1
-        nbytes = None if payload is None else payload.numel() * ITEMSIZE
-        req = Request(op=op, rid=self.rid, worker=worker, fp=FP, nbytes=nbytes, **fields)
-        self.state.check(req)
-        if op == "init":
-            return [self.state.init(req, payload)]
-        if op == "pull":
-            return [self.state.pull(worker, req.rid)]
-        return self.state.push(req, payload.clone(), now=0.0)
-
-
 def g(worker: int, step: int) -> Tensor:
     return torch.randn(N, generator=torch.Generator().manual_seed(100 * worker + step))
 
 
 def trained(cfg: ShardConfig) -> ShardState:
     """A shard after interleaved pulls, push_pulls and plain pushes from its workers."""
-    d = Driver(ShardState(cfg))
+    d = ShardDriver(ShardState(cfg))
     d.call("init", 0, torch.randn(N, generator=torch.Generator().manual_seed(1)), n=N, lo=0, hi=N)
     m = cfg.num_workers
     for w in range(m):
@@ -93,7 +73,7 @@ def test_round_trip_then_the_next_push_is_bitwise_the_same(tmp_path):
     assert b.backup[2].version < b.version
     assert b.backup[2].tensor is not b.w and b.backup[0].tensor is not b.w
     for state in (a, b):  # the same next steps on both
-        d = Driver(state)
+        d = ShardDriver(state)
         d.call("push_pull", 2, g(2, 99), seq=state.last_seq[2] + 1)
         d.call("push", 0, g(0, 99), seq=state.last_seq[0] + 1)
     assert_same(a, b)
@@ -110,12 +90,12 @@ def test_round_trip_per_parameter_and_async(tmp_path):
 @pytest.mark.timeout(30)
 def test_sync_round_in_progress_is_rolled_back_so_its_retry_applies(tmp_path):
     cfg = config("sync", m=2, momentum=0.0)
-    d = Driver(ShardState(cfg))
+    d = ShardDriver(ShardState(cfg))
     d.call("init", 0, torch.zeros(N), n=N, lo=0, hi=N)
     d.call("pull", 0)
     d.call("pull", 1)
     assert d.call("push", 0, g(0, 0), seq=1) == []  # waits for worker 1
-    b = Driver(checkpoint.read(checkpoint.save(d.state, tmp_path), cfg))
+    b = ShardDriver(checkpoint.read(checkpoint.save(d.state, tmp_path), cfg))
     assert b.state.last_seq == [0, 0] and b.state.updates == [0, 0] and b.state.version == 0
     assert b.call("push", 0, g(0, 0), seq=1) == [], "the retried push joins the round again"
     replies = b.call("push", 1, g(1, 0), seq=1)
@@ -132,7 +112,7 @@ def test_leftover_tmp_is_ignored_and_old_files_are_pruned(tmp_path):
     (tmp_path / "shard0-v999.ckpt.tmp").write_bytes(b"half a file")
     assert checkpoint.newest(tmp_path, 0) == first
     assert_same(a, checkpoint.load(tmp_path, cfg))
-    d = Driver(a)
+    d = ShardDriver(a)
     for i in range(4):
         d.call("push", 1, g(1, 50 + i), seq=a.last_seq[1] + 1)
         checkpoint.save(a, tmp_path)
@@ -146,7 +126,7 @@ def test_damaged_file_is_refused_naming_the_older_one(tmp_path, damage):
     cfg = config()
     a = trained(cfg)
     older = checkpoint.save(a, tmp_path)
-    Driver(a).call("push", 0, g(0, 77), seq=a.last_seq[0] + 1)
+    ShardDriver(a).call("push", 0, g(0, 77), seq=a.last_seq[0] + 1)
     path = checkpoint.save(a, tmp_path)
     data = bytearray(path.read_bytes())
     if damage == "truncate":

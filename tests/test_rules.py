@@ -18,10 +18,10 @@ import math
 
 import pytest
 import torch
+from conftest import ShardDriver
 from torch import Tensor
 
 from dcasgd import rules
-from dcasgd.protocol import ITEMSIZE, Request
 from dcasgd.rules import RuleConfig
 from dcasgd.shard import ShardConfig, ShardState
 
@@ -303,19 +303,8 @@ class Shard:
         self.state = ShardState(ShardConfig(num_workers=num_workers, rules=rule_config))
         self.n = w0.numel()
         self.seq = [0] * num_workers
-        self.rid = 0
+        self._call = ShardDriver(self.state, FP).call
         self._call("init", 0, w0, n=self.n, lo=0, hi=self.n)
-
-    def _call(self, op: str, worker: int, payload: Tensor | None = None, **fields):
-        self.rid += 1
-        nbytes = None if payload is None else payload.numel() * ITEMSIZE
-        req = Request(op=op, rid=self.rid, worker=worker, fp=FP, nbytes=nbytes, **fields)
-        self.state.check(req)
-        if op == "init":
-            return [self.state.init(req, payload)]
-        if op == "pull":
-            return [self.state.pull(worker, req.rid)]
-        return self.state.push(req, payload.clone(), now=0.0)
 
     def pull(self, worker: int) -> Tensor:
         (reply,) = self._call("pull", worker)
