@@ -82,6 +82,14 @@ def _add_server(sub: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="CURVE: directory of the public keys (*.key) of the workers allowed to connect (read at start)",
     )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=0,
+        metavar="PORT",
+        help="serve Prometheus metrics on http://METRICS_HOST:PORT/metrics (default 0: off)",
+    )
+    p.add_argument("--metrics-host", default="127.0.0.1", help="address for --metrics-port (default 127.0.0.1)")
 
 
 def _add_launch(sub: argparse._SubParsersAction) -> None:
@@ -195,6 +203,8 @@ def cmd_server(a: argparse.Namespace) -> int:
         curve_clients=a.curve_clients,
         max_message_bytes=a.max_message_bytes,
         max_header_bytes=a.max_header_bytes,
+        metrics_port=a.metrics_port,
+        metrics_host=a.metrics_host,
         **ckpt,
     )
 

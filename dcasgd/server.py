@@ -78,6 +78,8 @@ class ShardServer:
         security.warn_if_exposed(self.endpoint, secured)
         self._stop = threading.Event()
         self.counters: Counter[str] = Counter()
+        # Held by serve() while it changes state; a metrics scrape (dcasgd/metrics.py) reads stats() under it.
+        self.lock = threading.Lock()
         # (identity, rid, op) of sync pushes waiting for their round, per worker.
         self._deferred: dict[int, tuple[bytes, int, str]] = {}
 
@@ -109,14 +111,16 @@ class ShardServer:
                 timeout = max(0, min(timeout, int((deadline - time.monotonic()) * 1000) + 1))
             if poller.poll(timeout):
                 # Drain what is queued, but come back to check deadlines now and then.
-                for _ in range(64):
-                    try:
-                        frames = self._sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
-                    self.handle(frames)
-            for reply in self.shard.expire(time.monotonic()):
-                self._send_reply(reply, self._deferred.pop(reply.worker, None))
+                with self.lock:
+                    for _ in range(64):
+                        try:
+                            frames = self._sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self.handle(frames)
+            with self.lock:
+                for reply in self.shard.expire(time.monotonic()):
+                    self._send_reply(reply, self._deferred.pop(reply.worker, None))
             self._maybe_checkpoint()
         self._checkpoint("on stop")
 
@@ -148,6 +152,7 @@ class ShardServer:
                     protocol.RESTARTED, f"shard {self.config.shard} restarted (now {self.instance}); say hello and pull"
                 )
             self.shard.check(req)
+            self.counters["op:" + req.op] += 1
             route = (ident, req.rid, req.op)
             replies = self._dispatch(req, payloads)
             answered = False
@@ -273,10 +278,19 @@ def _as_tensor(frame: zmq.Frame) -> torch.Tensor:
     return torch.frombuffer(frame.buffer, dtype=torch.float32)
 
 
-def run_server(bind: str, config: ShardConfig, *, threads: int = 0, **kwargs: Any) -> int:
+def run_server(
+    bind: str,
+    config: ShardConfig,
+    *,
+    threads: int = 0,
+    metrics_port: int = 0,
+    metrics_host: str = "127.0.0.1",
+    **kwargs: Any,
+) -> int:
     """Run one shard in this process until SIGTERM or SIGINT; returns the exit code (0).
 
     ``threads``: torch intra-op threads for the rules (0: torch's default, one per core).
+    ``metrics_port``: serve Prometheus metrics on ``http://metrics_host:metrics_port/metrics`` (0: off).
     """
     keep_freed_memory()
     if threads > 0:
@@ -293,9 +307,23 @@ def run_server(bind: str, config: ShardConfig, *, threads: int = 0, **kwargs: An
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
+    httpd = None
+    if metrics_port > 0:
+        from .metrics import start_metrics_server
+
+        try:
+            httpd, _ = start_metrics_server(metrics_port, server, metrics_host)
+        except OSError as exc:
+            server.close()
+            print(f"dcasgd server: metrics on {metrics_host}:{metrics_port}: {exc}", file=sys.stderr)
+            return 2
+        log.info("shard %d: metrics on http://%s:%d/metrics", config.shard, metrics_host, httpd.server_port)
     print(f"dcasgd shard {config.shard}/{config.num_shards} listening on {server.endpoint}", flush=True)
     try:
         server.serve()
     finally:
+        if httpd is not None:
+            httpd.shutdown()
+            httpd.server_close()
         server.close()
     return 0

@@ -1,0 +1,290 @@
+"""The deployment files: Dockerfiles, docker-compose.yml (+ overrides) and k8s/ manifests.
+
+No Docker here: the files are parsed and checked, and then the compose services' own commands run as
+local processes, through the images' entry scripts, with the compose file's environment (``${VAR:-default}``
+resolved to its default), the service names mapped to 127.0.0.1 and the volumes to ``tmp_path``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import _read_endpoint, stop_process
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARDS = ["shard0", "shard1"]
+WORKERS = [f"worker{i}" for i in range(4)]
+HYPER = {  # compose variable -> (server option, default)
+    "DCASGD_MODE": ("--mode", "dcasgd-a"),
+    "DCASGD_NUM_WORKERS": ("--num-workers", "4"),
+    "DCASGD_LR": ("--lr", "0.1"),
+    "DCASGD_LAM": ("--lam", "0.04"),
+    "DCASGD_LAM0": ("--lam0", "2.0"),
+    "DCASGD_MS_DECAY": ("--ms-decay", "0.95"),
+    "DCASGD_MOMENTUM": ("--momentum", "0.0"),
+    "DCASGD_SYNC_TIMEOUT": ("--sync-timeout", "60"),
+    "DCASGD_CHECKPOINT_EVERY": ("--checkpoint-every", "60"),
+}
+_VAR = re.compile(r"\$\$|\$\{(\w+)(?::?-([^}]*))?\}|\$(\w+)")
+
+
+def load(name: str) -> dict:
+    return yaml.safe_load((ROOT / name).read_text())
+
+
+def interpolate(value, env: dict[str, str]):
+    """Compose's variable substitution: ``${VAR:-default}``, ``${VAR}``, ``$VAR``, ``$$``; recursively."""
+    if isinstance(value, dict):
+        return {k: interpolate(v, env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, env) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def sub(m: re.Match) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        name = m.group(1) or m.group(3)
+        return env.get(name) or (m.group(2) or "")
+
+    return _VAR.sub(sub, value)
+
+
+def option(command: list[str], name: str) -> str:
+    return command[command.index(name) + 1]
+
+
+def test_compose_services_commands_and_environment():
+    raw = load("docker-compose.yml")
+    c = interpolate(raw, {})
+    assert set(c["services"]) == {*SHARDS, *WORKERS, "report"}
+    assert c["networks"]["dcasgd"]["internal"] is True
+    assert set(c["volumes"]) == {"checkpoints", "results"}
+    for i, name in enumerate(SHARDS):
+        s = c["services"][name]
+        cmd = s["command"]
+        assert cmd[:2] == ["dcasgd", "server"]
+        assert option(cmd, "--bind") == "tcp://0.0.0.0:5555"
+        assert (option(cmd, "--shard"), option(cmd, "--num-shards")) == (str(i), "2")
+        assert option(cmd, "--checkpoint-dir") == f"/checkpoints/shard{i}"
+        assert "--resume" not in cmd  # the entry script adds it when a checkpoint exists
+        for var, (opt, default) in HYPER.items():
+            assert option(cmd, opt) == default, opt
+            assert option(raw["services"][name]["command"], opt) == f"${{{var}:-{default}}}", opt
+        assert s["build"]["dockerfile"] == "server/Dockerfile"
+        assert "checkpoints:/checkpoints" in s["volumes"]
+        assert s["networks"] == ["dcasgd"] and "ports" not in s
+        assert s["healthcheck"]["test"][0] == "CMD-SHELL"
+        assert "dcasgd status tcp://127.0.0.1:5555" in s["healthcheck"]["test"][1]
+    # Overridden environment variables reach the commands.
+    env = {"DCASGD_MODE": "sync", "DCASGD_NUM_WORKERS": "3", "DCASGD_LR": "0.5"}
+    o = interpolate(raw, env)["services"]
+    assert option(o["shard1"]["command"], "--mode") == "sync"
+    assert option(o["shard1"]["command"], "--num-workers") == "3"
+    assert o["worker2"]["environment"]["DCASGD_NUM_WORKERS"] == "3"
+
+    ids = []
+    for name in WORKERS:
+        w = c["services"][name]
+        assert w["build"]["dockerfile"] == "worker/Dockerfile"
+        assert w["build"]["args"]["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
+        assert raw["services"][name]["build"]["args"]["TORCH_INDEX_URL"].startswith("${TORCH_INDEX_URL:-")
+        assert w["command"][:2] == ["python", "examples/train_digits.py"]
+        assert option(w["command"], "--result-file") == "/results/worker{worker}.json"
+        assert w["environment"]["DCASGD_SERVERS"] == "tcp://shard0:5555,tcp://shard1:5555"
+        assert w["environment"]["DCASGD_NUM_WORKERS"] == "4"
+        assert w["depends_on"] == {s: {"condition": "service_healthy"} for s in SHARDS}
+        assert w["networks"] == ["dcasgd"] and "results:/results" in w["volumes"]
+        ids.append(w["environment"]["DCASGD_WORKER_ID"])
+    assert ids == ["0", "1", "2", "3"]  # unique, one per worker service
+    report = c["services"]["report"]
+    assert report["image"] == "python:3.11-slim"
+    assert report["depends_on"] == {w: {"condition": "service_completed_successfully"} for w in WORKERS}
+
+
+def test_compose_overrides_curve_and_gpu():
+    curve = interpolate(load("docker-compose.curve.yml"), {})["services"]
+    assert set(curve) == {*SHARDS, *WORKERS}
+    for s in SHARDS:
+        env = curve[s]["environment"]
+        assert env["DCASGD_CURVE_SECRET_KEY"].endswith(".key_secret") and env["DCASGD_CURVE_CLIENTS"]
+        assert env["DCASGD_CURVE_SERVER_KEY"].endswith(".key")  # for the health check
+        assert "./keys:/keys:ro" in curve[s]["volumes"]
+    for w in WORKERS:
+        env = curve[w]["environment"]
+        assert set(env) == {"DCASGD_CURVE_KEY", "DCASGD_CURVE_SERVER_KEY"}
+        assert "./keys:/keys:ro" in curve[w]["volumes"]
+
+    gpu = interpolate(load("docker-compose.gpu.yml"), {})["services"]
+    for w in WORKERS:
+        assert gpu[w]["build"]["args"]["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cu126"
+        (device,) = gpu[w]["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
+    assert not set(gpu) & set(SHARDS)
+
+
+@pytest.mark.parametrize("role", ["server", "worker"])
+def test_dockerfiles(role):
+    text = (ROOT / role / "Dockerfile").read_text()
+    lines = [line.strip() for line in text.splitlines()]
+    assert re.search(r"^FROM python:3\.\d+-slim$", text, re.M)
+    assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in lines
+    assert '--index-url "${TORCH_INDEX_URL}"' in text and "-c constraints-cpu.txt" in text
+    assert f"COPY {role}/entrypoint.sh /usr/local/bin/dcasgd-entrypoint" in lines
+    assert 'ENTRYPOINT ["/usr/local/bin/dcasgd-entrypoint"]' in lines
+    assert "USER dcasgd" in lines
+    assert "key_secret" not in text and not re.search(r"^(ENV|ARG)\s+\S*(SECRET|PASSWORD|TOKEN)", text, re.M | re.I)
+    if role == "server":
+        assert re.search(r"^HEALTHCHECK .*\n\s+CMD dcasgd status tcp://127\.0\.0\.1:\$\{PORT\}", text, re.M)
+        assert "PORT=5555" in text
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".venv", "results", ".git", "__pycache__", "keys", "**/*.key_secret"} <= set(ignored)
+
+
+def test_k8s_manifests_match_compose():
+    docs = [d for f in sorted((ROOT / "k8s").glob("*.yaml")) for d in yaml.safe_load_all(f.read_text()) if d]
+    by_kind = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    config = by_kind[("ConfigMap", "dcasgd-job")]["data"]
+    assert {k: config[k] for k in HYPER} == {k: d for k, (_, d) in HYPER.items()}
+    assert config["DCASGD_SERVERS"] == "tcp://shard-0.shard:5555,tcp://shard-1.shard:5555"
+
+    svc = by_kind[("Service", "shard")]
+    assert svc["spec"]["clusterIP"] == "None"
+    sts = by_kind[("StatefulSet", "shard")]["spec"]
+    assert sts["serviceName"] == "shard" and sts["replicas"] == 2
+    assert sts["template"]["metadata"]["labels"] == svc["spec"]["selector"]
+    (shard,) = sts["template"]["spec"]["containers"]
+    assert "command" not in shard  # args keep the image's entry point (which adds --resume)
+    args = shard["args"]
+    compose = load("docker-compose.yml")["services"]["shard0"]["command"]
+    assert args[:2] == compose[:2] and option(args, "--bind") == option(compose, "--bind")
+    for var, (opt, _) in HYPER.items():
+        assert option(args, opt) == f"$({var})", opt
+    assert option(args, "--checkpoint-dir") == "/checkpoints/shard$(DCASGD_SHARD)"
+    assert [e["name"] for e in shard["env"]] == ["DCASGD_SHARD"]
+    assert "dcasgd status tcp://127.0.0.1:5555" in " ".join(shard["readinessProbe"]["exec"]["command"])
+    assert sts["volumeClaimTemplates"][0]["metadata"]["name"] == "checkpoints"
+
+    job = by_kind[("Job", "dcasgd-workers")]["spec"]
+    assert job["completionMode"] == "Indexed"
+    assert job["completions"] == job["parallelism"] == int(config["DCASGD_NUM_WORKERS"])
+    (worker,) = job["template"]["spec"]["containers"]
+    assert "command" not in worker
+    compose_worker = load("docker-compose.yml")["services"]["worker0"]["command"]
+    assert worker["args"][:2] == compose_worker[:2]
+    assert option(worker["args"], "--result-file") == option(compose_worker, "--result-file")
+    assert worker["envFrom"] == [{"configMapRef": {"name": "dcasgd-job"}}]
+    assert "JOB_COMPLETION_INDEX" in (ROOT / "worker" / "entrypoint.sh").read_text()
+
+
+def _local(value: str, endpoints: dict[str, str], tmp_path: Path) -> str:
+    """A compose value on this machine: service host names -> their endpoints, volumes -> tmp_path."""
+    for name, ep in endpoints.items():
+        value = value.replace(f"tcp://{name}:5555", ep)
+    value = value.replace("tcp://0.0.0.0:5555", "tcp://127.0.0.1:0")
+    return value.replace("/checkpoints", str(tmp_path / "checkpoints")).replace("/results", str(tmp_path / "results"))
+
+
+def _env(service: dict, endpoints: dict[str, str], tmp_path: Path) -> dict[str, str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("DCASGD_", "JOB_COMPLETION"))}
+    base["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{base.get('PATH', '')}"  # dcasgd, python
+    base["PYTHONUNBUFFERED"] = "1"
+    return {**base, **{k: _local(str(v), endpoints, tmp_path) for k, v in service.get("environment", {}).items()}}
+
+
+def _entry(service: dict) -> list[str]:
+    return ["sh", str(ROOT / Path(service["build"]["dockerfile"]).parent / "entrypoint.sh")]
+
+
+def _start_shard(name, service, endpoints, tmp_path, log: Path):
+    cmd = [*_entry(service), *(_local(a, endpoints, tmp_path) for a in service["command"])]
+    with open(log, "w") as err:
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True, env=_env(service, {}, tmp_path)
+        )
+    return proc, _read_endpoint(proc, log)
+
+
+@pytest.mark.timeout(240)
+def test_compose_commands_train_digits(tmp_path):
+    services = interpolate(load("docker-compose.yml"), {})["services"]
+    (tmp_path / "results").mkdir()
+    shards, endpoints, workers = {}, {}, {}
+    try:
+        for name in SHARDS:
+            shards[name], endpoints[name] = _start_shard(
+                name, services[name], endpoints, tmp_path, tmp_path / f"{name}.log"
+            )
+        for name in WORKERS:
+            s = services[name]
+            cmd = [*_entry(s), *(_local(a, endpoints, tmp_path) for a in s["command"])]
+            with open(tmp_path / f"{name}.out", "w") as out:
+                workers[name] = subprocess.Popen(
+                    cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=_env(s, endpoints, tmp_path)
+                )
+        for name, proc in workers.items():
+            assert proc.wait(timeout=180) == 0, (tmp_path / f"{name}.out").read_text()
+        # The healthcheck's command, against each running shard.
+        for name in SHARDS:
+            check = services[name]["healthcheck"]["test"][1].replace("tcp://127.0.0.1:5555", endpoints[name])
+            assert subprocess.run(check, shell=True, env=_env({}, {}, tmp_path), timeout=60).returncode == 0
+    finally:
+        for proc in workers.values():
+            stop_process(proc)
+        codes = {name: stop_process(proc) for name, proc in shards.items()}
+    assert codes == {"shard0": 0, "shard1": 0}, [(tmp_path / f"{s}.log").read_text() for s in SHARDS]
+
+    results = [json.loads((tmp_path / "results" / f"worker{i}.json").read_text()) for i in range(4)]
+    assert [r["worker"] for r in results] == [0, 1, 2, 3]
+    assert min(r["test_accuracy"] for r in results) >= 0.95, results
+    report = services["report"]["command"]
+    out = subprocess.run([_local(a, {}, tmp_path) for a in report], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and out.stdout.count('"test_accuracy"') == 4, out
+
+    # A restarted shard (same command, checkpoint on the volume) resumes: the entry script adds --resume.
+    for i, name in enumerate(SHARDS):
+        assert list((tmp_path / "checkpoints" / name).glob(f"shard{i}-v*.ckpt")), name
+    log = tmp_path / "shard0-restart.log"
+    proc, _ = _start_shard("shard0", services["shard0"], {}, tmp_path, log)
+    try:
+        assert stop_process(proc) == 0
+    finally:
+        stop_process(proc)
+    assert "resuming" in log.read_text()
+
+
+@pytest.mark.timeout(60)
+def test_server_entrypoint_adds_resume_only_with_a_checkpoint(tmp_path):
+    service = interpolate(load("docker-compose.yml"), {})["services"]["shard1"]
+    log = tmp_path / "fresh.log"
+    proc, endpoint = _start_shard("shard1", service, {}, tmp_path, log)  # no checkpoint: starts, no --resume
+    stop_process(proc)
+    assert endpoint.startswith("tcp://127.0.0.1:") and "resuming" not in log.read_text()
+
+    (tmp_path / "checkpoints" / "shard1").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "checkpoints" / "shard1" / "shard1-v7.ckpt").write_bytes(b"not a checkpoint")
+    cmd = [*_entry(service), *(_local(a, {}, tmp_path) for a in service["command"])]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=_env(service, {}, tmp_path), timeout=50)
+    assert out.returncode == 2 and "resuming" in out.stderr, out  # --resume was added; the file is refused
+
+    env = {**_env(service, {}, tmp_path), "DCASGD_CURVE_SECRET_KEY": "/nowhere.key_secret"}
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=50)
+    assert out.returncode == 2 and "DCASGD_CURVE_CLIENTS" in out.stderr, out
+
+
+@pytest.mark.timeout(30)
+def test_worker_entrypoint_maps_job_completion_index(tmp_path):
+    entry = ["sh", str(ROOT / "worker" / "entrypoint.sh"), "sh", "-c", 'echo "$DCASGD_WORKER_ID"']
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DCASGD_", "JOB_COMPLETION"))}
+    out = subprocess.run(entry, env={**env, "JOB_COMPLETION_INDEX": "3"}, capture_output=True, text=True, timeout=20)
+    assert out.stdout.strip() == "3"
+    both = {**env, "JOB_COMPLETION_INDEX": "3", "DCASGD_WORKER_ID": "1"}
+    out = subprocess.run(entry, env=both, capture_output=True, text=True, timeout=20)
+    assert out.stdout.strip() == "1"

@@ -1,0 +1,101 @@
+"""``dcasgd server --metrics-port``: Prometheus metrics scraped from a running shard."""
+
+from __future__ import annotations
+
+import socket
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+from conftest import in_parallel
+from prometheus_client.parser import text_string_to_metric_families
+
+from dcasgd import Client
+
+N = 1000
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scrape(port: int, timeout: float = 10.0) -> dict[str, dict[tuple, float]]:
+    """``/metrics`` as {sample name: {sorted label items: value}}; retried until ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2.0) as r:
+                text = r.read().decode()
+            break
+        except (urllib.error.URLError, ConnectionError):
+            if time.monotonic() > deadline:
+                raise
+    samples: dict[str, dict[tuple, float]] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
+    return samples
+
+
+@pytest.mark.timeout(60)
+def test_scrape_shows_staleness_updates_and_drops(cluster_factory, raw_peer):
+    port = free_port()
+    with cluster_factory(1, 2, "async", "--metrics-port", str(port)) as cl:
+        c0, c1 = (Client(cl.endpoints, worker_id=i, timeout=20.0) for i in range(2))
+        c0.init(torch.zeros(N))
+        c0.pull()
+        c1.pull()
+        g = torch.full((N,), 0.01)
+        for _ in range(3):  # interleaved: every push after the first is one update behind
+            c0.push_pull(g, lr=0.1)
+            c1.push_pull(g, lr=0.1)
+        raw_peer(cl.endpoints[0]).send(b"\xc1 not msgpack")  # dropped, unanswered
+        deadline = time.monotonic() + 10.0
+        while True:  # the junk frame is counted when the shard has read it
+            m = scrape(port)
+            if m["dcasgd_dropped_messages_total"][(("shard", "0"),)] == 1 or time.monotonic() > deadline:
+                break
+        c0.close()
+        c1.close()
+
+    shard = (("shard", "0"),)
+    assert m["dcasgd_version"][shard] == 6
+    assert m["dcasgd_updates_total"] == {(("shard", "0"), ("worker", "0")): 3, (("shard", "0"), ("worker", "1")): 3}
+    assert m["dcasgd_dropped_messages_total"][shard] == 1
+    # staleness: 0 once (the first push), 1 five times
+    buckets = {float(dict(k)["le"]): v for k, v in m["dcasgd_staleness_bucket"].items()}
+    assert list(buckets) == [0, 1, 2, 4, 8, 16, 32, 64, float("inf")]
+    assert buckets[0] == 1 and buckets[1] == 6 and buckets[64] == 6 and buckets[float("inf")] == 6
+    assert m["dcasgd_staleness_count"][shard] == 6 and m["dcasgd_staleness_sum"][shard] == 5
+    requests = {dict(k)["op"]: v for k, v in m["dcasgd_requests_total"].items()}
+    assert requests["push_pull"] == 6 and requests["pull"] == 2 and requests["init"] == 1
+    assert m["dcasgd_received_bytes_total"][shard] > 6 * N * 4 and m["dcasgd_sent_bytes_total"][shard] > 8 * N * 4
+    assert m["dcasgd_sync_rounds_total"][shard] == 0
+
+
+@pytest.mark.timeout(60)
+def test_sync_rounds_and_round_times(cluster_factory):
+    port = free_port()
+    with cluster_factory(1, 2, "sync", "--metrics-port", str(port)) as cl:
+        cs = [Client(cl.endpoints, worker_id=i, timeout=20.0) for i in range(2)]
+        cs[0].init(torch.zeros(N))
+        for c in cs:
+            c.pull()
+        g = torch.ones(N)
+        for _ in range(2):
+            in_parallel(*[lambda c=c: c.push_pull(g, lr=0.1) for c in cs])
+        m = scrape(port)
+        for c in cs:
+            c.close()
+
+    shard = (("shard", "0"),)
+    assert m["dcasgd_sync_rounds_total"][shard] == 2
+    assert m["dcasgd_sync_round_seconds_count"][shard] == 2 and m["dcasgd_sync_round_seconds_sum"][shard] >= 0
+    assert m["dcasgd_version"][shard] == 2
+    assert m["dcasgd_staleness_count"][shard] == 4
+    (info,) = m["dcasgd_shard_info"]
+    assert dict(info)["mode"] == "sync" and dict(info)["num_shards"] == "1" and len(dict(info)["instance"]) == 16
