@@ -36,7 +36,6 @@ pipe that a thread per child reads line by line.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import queue
 import re
@@ -46,11 +45,12 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
 from . import env as job_env
 from . import security
+from .processes import describe_exit, die_with_parent, exit_code, killpg_quietly
 from .rules import MODES
 
 _LISTENING = re.compile(r"^dcasgd shard (\d+)/(\d+) listening on (\S+)")
@@ -58,7 +58,6 @@ _MAX_LINE = 64 * 1024  # a longer line is passed on in pieces, each with the pre
 _TAIL_LINES = 40  # lines of a child's output kept for error messages
 _KILL_WAIT = 10.0  # seconds to wait for a SIGKILLed process to be reaped
 _PUMP_WAIT = 2.0  # seconds to wait for a child's pipe to close once every child has exited
-_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 # Options the launcher sets itself for every shard.
 _OWN_SERVER_OPTIONS = ("--bind", "--shard", "--num-shards", "--num-workers", "--mode")
 
@@ -195,7 +194,7 @@ class LocalCluster:
         if failed is not None:
             child, what = failed
             self.stop(grace=1.0)  # also reads the rest of its output
-            code = f" (exit code {_exit_code(child.returncode)})" if child.returncode is not None else ""
+            code = f" (exit code {exit_code(child.returncode)})" if child.returncode is not None else ""
             out = "\n".join("  " + line for line in child.tail) or "  (no output)"
             raise LaunchError(f"shard {child.index} {what}{code}; its output:\n{out}")
         for c in self._shards:
@@ -243,14 +242,14 @@ class LocalCluster:
             except queue.Empty:
                 running = [c.role for c in self._workers if not c.exited.is_set()]
                 raise TimeoutError(f"workers still running after {timeout} s: {', '.join(running)}") from None
-            code = _exit_code(child.returncode)
+            code = exit_code(child.returncode)
             if child.kind == "worker":
                 self._workers_done += 1
             if child.kind == "worker" and code != 0:
-                self._say(f"worker {child.index} {_describe(child.returncode)}; stopping the job")
+                self._say(f"worker {child.index} {describe_exit(child.returncode)}; stopping the job")
                 return self._finish(code)
             if child.kind == "shard" and not self._stopping:
-                self._say(f"shard {child.index} {_describe(child.returncode)} while workers ran; stopping the job")
+                self._say(f"shard {child.index} {describe_exit(child.returncode)} while workers ran; stopping the job")
                 return self._finish(code or 1)
         self._say(f"all {self.num_workers} workers exited with code 0; stopping the shards")
         return self._finish(0)
@@ -304,7 +303,7 @@ class LocalCluster:
                 stderr=subprocess.STDOUT,
                 env=dict(env),
                 start_new_session=True,
-                preexec_fn=_die_with_parent(),
+                preexec_fn=die_with_parent(),
             )
         except OSError as exc:
             self.stop()
@@ -342,7 +341,7 @@ class LocalCluster:
             except ChildProcessError:
                 pass
         with child.lock:
-            _killpg(pid, signal.SIGKILL)
+            killpg_quietly(pid, signal.SIGKILL)
             child.returncode = child.proc.wait()
             child.exited.set()
         self._exits.put(child)
@@ -407,53 +406,10 @@ def _raise_terminated(_signum: int, _frame: object) -> None:
     raise _Terminated
 
 
-def _exit_code(returncode: int | None) -> int:
-    """A shell's exit code: a death by signal N is 128 + N."""
-    if returncode is None:
-        return 0
-    return 128 - returncode if returncode < 0 else returncode
-
-
-def _describe(returncode: int | None) -> str:
-    if returncode is not None and returncode < 0:
-        try:
-            name = signal.Signals(-returncode).name
-        except ValueError:
-            name = f"signal {-returncode}"
-        return f"was killed by {name} (exit code {_exit_code(returncode)})"
-    return f"exited with code {returncode}"
-
-
-def _killpg(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass  # the group is empty (or holds only what we may not signal)
-
-
 def _signal_if_running(child: _Child, sig: int) -> bool:
     """Signal the child's process group if the child has not been reaped; True if it was signalled."""
     with child.lock:
         if child.exited.is_set():
             return False
-        _killpg(child.proc.pid, sig)
+        killpg_quietly(child.proc.pid, sig)
         return True
-
-
-def _die_with_parent() -> Callable[[], None] | None:
-    """A ``preexec_fn`` that makes the child get SIGKILL when its parent dies (Linux), else None."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    parent = os.getpid()
-    sigkill = int(signal.SIGKILL)
-
-    def preexec() -> None:  # runs in the child between fork and exec: keep it tiny
-        prctl(_PR_SET_PDEATHSIG, sigkill)
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os.kill(os.getpid(), sigkill)
-
-    return preexec
