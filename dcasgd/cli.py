@@ -1,4 +1,4 @@
-"""The ``dcasgd`` command: ``server``, ``launch`` and ``status``."""
+"""The ``dcasgd`` command: ``server``, ``worker``, ``launch``, ``status``, ``demo`` and ``keygen``."""
 
 from __future__ import annotations
 
@@ -90,6 +90,34 @@ def _add_server(sub: argparse._SubParsersAction) -> None:
         help="serve Prometheus metrics on http://METRICS_HOST:PORT/metrics (default 0: off)",
     )
     p.add_argument("--metrics-host", default="127.0.0.1", help="address for --metrics-port (default 127.0.0.1)")
+    p.add_argument(
+        "--exit-when-done",
+        action="store_true",
+        help="exit (0, after a last checkpoint) once every worker has reported its end (dcasgd worker does); "
+        "for docker compose, where the job ends when every container has",
+    )
+
+
+def _add_worker(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "worker",
+        help="run a training command as one worker: get an id, run it, report its end to the shards",
+        usage="dcasgd worker [--name NAME] [--claim-timeout SECONDS] -- COMMAND [ARGS ...]",
+        description="Run COMMAND as a worker of the job in DCASGD_SERVERS. Its id comes from DCASGD_WORKER_ID, "
+        "RANK or SLURM_PROCID when set, else from shard 0, which gives each NAME its own id (the same one "
+        "again for the same name). When COMMAND ends, every shard is told its exit status, and this command "
+        "exits with it.",
+    )
+    p.add_argument(
+        "--name",
+        default=None,
+        help="this worker's name when it claims an id (default $DCASGD_WORKER_NAME, else HOSTNAME-PID; "
+        "the worker image uses the container's host name)",
+    )
+    p.add_argument(
+        "--claim-timeout", type=float, default=120.0, help="seconds to wait for shard 0 to give an id (default 120)"
+    )
+    p.add_argument("worker_command", nargs=argparse.REMAINDER, help="the training command, after --")
 
 
 def _add_launch(sub: argparse._SubParsersAction) -> None:
@@ -158,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dcasgd", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_server(sub)
+    _add_worker(sub)
     _add_launch(sub)
     _add_status(sub)
     _add_keygen(sub)
@@ -205,17 +234,35 @@ def cmd_server(a: argparse.Namespace) -> int:
         max_header_bytes=a.max_header_bytes,
         metrics_port=a.metrics_port,
         metrics_host=a.metrics_host,
+        exit_when_done=a.exit_when_done,
         **ckpt,
     )
+
+
+def _worker_command(a: argparse.Namespace, usage: str) -> list[str] | None:
+    """The command after ``--``; None (and a message) when there is none."""
+    command = a.worker_command[1:] if a.worker_command[:1] == ["--"] else a.worker_command
+    if not command:
+        print(f"usage: {usage}", file=sys.stderr)
+        print(f"{usage.split(' [')[0]}: error: no command: give it after --, e.g. -- python train.py", file=sys.stderr)
+        return None
+    return command
+
+
+def cmd_worker(a: argparse.Namespace) -> int:
+    from .worker import run_worker
+
+    command = _worker_command(a, "dcasgd worker [options] -- COMMAND [ARGS ...]")
+    if command is None:
+        return 2
+    return run_worker(command, name=a.name, claim_timeout=a.claim_timeout)
 
 
 def cmd_launch(a: argparse.Namespace) -> int:
     from .launch import LaunchError, launch
 
-    command = a.worker_command[1:] if a.worker_command[:1] == ["--"] else a.worker_command
-    if not command:
-        print("usage: dcasgd launch [options] -- COMMAND [ARGS ...]", file=sys.stderr)
-        print("dcasgd launch: error: no worker command: give it after --, e.g. -- python train.py", file=sys.stderr)
+    command = _worker_command(a, "dcasgd launch [options] -- COMMAND [ARGS ...]")
+    if command is None:
         return 2
     server_args = [arg for opt, dest in a.server_options for arg in (opt, str(getattr(a, dest)))]
     try:
@@ -248,6 +295,8 @@ def format_stats(stats: dict[str, Any]) -> str:
         ("staleness (value:count)", " ".join(f"{k}:{v}" for k, v in stats["staleness"]) or "-"),
         ("duplicate pushes", stats["duplicates"]),
     ]
+    finished = stats.get("finished", [])
+    rows.append(("finished (worker:status)", " ".join(f"{w}:{s}" for w, s in finished) or "-"))
     if stats["mode"] == "sync":
         rows += [("sync rounds", stats["rounds"]), ("left out of a round", stats["left_out"]), ("live", stats["live"])]
     for k, v in sorted(stats.get("server", {}).items()):
@@ -293,6 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     commands = {
         "server": cmd_server,
+        "worker": cmd_worker,
         "launch": cmd_launch,
         "status": cmd_status,
         "demo": cmd_demo,

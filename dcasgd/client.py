@@ -202,6 +202,17 @@ class Client:
         """One dict per shard: version, mode, updates per worker, staleness histogram, bytes."""
         return self._call_all("stats", [{}] * self.num_shards)
 
+    def done(self, status: int) -> list[dict[str, Any]]:
+        """Tell every shard that this worker's command ended with exit ``status`` (0..255).
+
+        A sync round stops waiting for this worker; a shard run with ``--exit-when-done``
+        exits once every worker of the job has said it. Returns each shard's answer
+        (``finished``: how many workers have, ``num_workers``).
+        """
+        if not 0 <= status <= 255:
+            raise ValueError(f"status must be an exit status in [0, 255], got {status}")
+        return self._call_all("done", [{"status": int(status)}] * self.num_shards)
+
     def close(self) -> None:
         """Close the sockets (and the ZeroMQ context if this client made it)."""
         for s in self._socks:
@@ -442,6 +453,64 @@ def fetch_stats(
     Raises :class:`ShardTimeout` after ``timeout`` seconds, :class:`ServerError` on an error reply.
     """
     keys = client_keys(curve_key, server_key) if curve_key is not None or server_key is not None else None
+    return _ask(endpoint, {"op": "stats"}, timeout, keys, context)
+
+
+def claim_worker_id(
+    endpoint: str,
+    name: str,
+    *,
+    timeout: float = 120.0,
+    context: zmq.Context | None = None,
+    curve_key: str | os.PathLike[str] | None = None,
+    server_key: str | os.PathLike[str] | None = None,
+) -> dict[str, Any]:
+    """Ask shard 0 at ``endpoint`` for a worker id for the worker called ``name``.
+
+    The same name gets the same id again (a restarted container keeps its id); a new
+    name gets the lowest free id. Waits up to ``timeout`` seconds for the shard to
+    answer (it may still be starting). Returns ``worker`` and ``num_workers``. Raises
+    :class:`ServerError` (``no_worker_id`` when every id is taken) or :class:`ShardTimeout`.
+    CURVE keys: as for :class:`Client` (arguments, else the environment).
+    """
+    keys = client_keys(curve_key, server_key)
+    # A claim is idempotent by name: asking again after a timeout is safe.
+    return _ask_until(endpoint, {"op": "claim", "name": name}, timeout, keys, context, "gave no worker id")
+
+
+def wait_for_shard(
+    endpoint: str,
+    *,
+    timeout: float = 120.0,
+    context: zmq.Context | None = None,
+    curve_key: str | os.PathLike[str] | None = None,
+    server_key: str | os.PathLike[str] | None = None,
+) -> dict[str, Any]:
+    """A shard's stats (``num_workers``, ``mode``, ...), waiting up to ``timeout`` s for it to answer.
+
+    For a worker that is about to start; CURVE keys as for :class:`Client`.
+    """
+    keys = client_keys(curve_key, server_key)
+    return _ask_until(endpoint, {"op": "stats"}, timeout, keys, context, "did not answer")
+
+
+def _ask_until(
+    endpoint: str, header: dict[str, Any], timeout: float, keys: Any, context: zmq.Context | None, failed: str
+) -> dict[str, Any]:
+    """:func:`_ask` again after each timeout (5 s at most per try), up to ``timeout`` seconds in all."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return _ask(endpoint, header, max(0.1, min(5.0, deadline - time.monotonic())), keys, context)
+        except ShardTimeout:
+            if time.monotonic() >= deadline:
+                raise ShardTimeout(f"{endpoint} {failed} within {timeout:.1f} s") from None
+
+
+def _ask(
+    endpoint: str, header: dict[str, Any], timeout: float, keys: Any, context: zmq.Context | None
+) -> dict[str, Any]:
+    """One request without a worker id on a fresh socket; the reply header, or an error."""
     ctx = context or zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -449,9 +518,9 @@ def fetch_stats(
         if keys is not None:
             keys.apply(sock)
         sock.connect(endpoint)
-        sock.send(protocol.pack({"v": protocol.PROTOCOL_VERSION, "op": "stats", "rid": 1}))
+        sock.send(protocol.pack({"v": protocol.PROTOCOL_VERSION, "rid": 1, **header}))
         if not sock.poll(int(timeout * 1000)):
-            raise ShardTimeout(f"{endpoint} did not answer stats within {timeout:.1f} s")
+            raise ShardTimeout(f"{endpoint} did not answer {header['op']} within {timeout:.1f} s")
         h = protocol.unpack(sock.recv(), max_bytes=1 << 24)
     finally:
         sock.close()

@@ -53,6 +53,16 @@ def parse_servers(servers: str | Sequence[str] | None) -> tuple[str, ...]:
     return servers
 
 
+def worker_id_from_environment() -> int | None:
+    """The worker id that ``DCASGD_WORKER_ID``, ``RANK`` or ``SLURM_PROCID`` gives (the first set), or None."""
+    if not any(os.environ.get(name, "").strip() for name in WORKER_ID):
+        return None
+    wid = _int_from(WORKER_ID, "the worker id")
+    if wid < 0:
+        raise JobConfigError(f"worker id {wid} is negative")
+    return wid
+
+
 def resolve(
     servers: str | Sequence[str] | None = None, worker_id: int | None = None, num_workers: int | None = None
 ) -> WorkerEnv:

@@ -100,6 +100,15 @@ class ShardCollector:
         )
         yield _counter("dcasgd_non_finite_pushes", "Gradients with NaN or Inf", shard, s["non_finite"])
 
+        finished = GaugeMetricFamily(
+            "dcasgd_worker_finished",
+            "1 for a worker that reported its end (dcasgd worker); its exit status in the label",
+            labels=["shard", "worker", "status"],
+        )
+        for worker, status in s["finished"]:
+            finished.add_metric([shard, str(worker), str(status)], 1)
+        yield finished
+
         yield _counter("dcasgd_sync_rounds", "Sync rounds completed", shard, s["rounds"])
         yield _counter("dcasgd_sync_left_out", "Workers left out of a sync round at its timeout", shard, s["left_out"])
         with self._round_lock:

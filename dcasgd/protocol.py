@@ -29,7 +29,8 @@ DTYPE = "float32"
 ITEMSIZE = 4
 DEFAULT_MAX_HEADER_BYTES = 64 * 1024
 
-OPS = ("hello", "init", "pull", "push", "push_pull", "stats")
+OPS = ("hello", "init", "pull", "push", "push_pull", "stats", "claim", "done")
+NO_WORKER_OPS = frozenset({"stats", "claim"})  # asked by a peer that has no worker id (yet)
 PAYLOAD_OPS = frozenset({"init", "push", "push_pull"})
 PUSH_OPS = frozenset({"push", "push_pull"})
 WEIGHT_REPLY_OPS = frozenset({"pull", "push_pull"})
@@ -51,6 +52,8 @@ NO_WEIGHTS = "no_weights"
 ALREADY_PUSHED = "already_pushed"
 NON_FINITE = "non_finite"
 RESTARTED = "restarted"
+NO_WORKER_ID = "no_worker_id"
+MAX_NAME_CHARS = 256
 
 if sys.byteorder != "little":  # payloads are little-endian float32, read in place
     raise ImportError("dcasgd needs a little-endian host")
@@ -89,6 +92,8 @@ class Request:
     lr: float | None = None
     layout: list[list[Any]] | None = None
     instance: str | None = None
+    name: str | None = None  # claim: the worker's name (its host name in a container)
+    status: int | None = None  # done: the worker command's exit status, 0..255
 
 
 def pack(header: dict[str, Any]) -> bytes:
@@ -150,7 +155,7 @@ def validate_request(h: dict[str, Any], num_workers: int, payload_frames: int) -
     op = h.get("op")
     if not isinstance(op, str) or op not in OPS:
         raise ProtocolError(BAD_OP, f"unknown op {op!r} (known: {', '.join(OPS)})")
-    worker = _int(h, "worker", hi=num_workers, required=op != "stats")
+    worker = _int(h, "worker", hi=num_workers, required=op not in NO_WORKER_OPS)
     want_frames = 1 if op in PAYLOAD_OPS else 0
     if payload_frames != want_frames:
         raise ProtocolError(BAD_FRAMES, f"{op} takes {want_frames} payload frame(s), got {payload_frames}")
@@ -176,6 +181,13 @@ def validate_request(h: dict[str, Any], num_workers: int, payload_frames: int) -
     instance = h.get("instance")
     if instance is not None and (not isinstance(instance, str) or len(instance) > 64):
         raise ProtocolError(BAD_HEADER, "field 'instance' must be a short string")
+    name = status = None
+    if op == "claim":
+        name = h.get("name")
+        if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME_CHARS or not name.isprintable():
+            raise ProtocolError(BAD_HEADER, f"field 'name' must be a printable string of 1 to {MAX_NAME_CHARS} chars")
+    if op == "done":
+        status = _int(h, "status", hi=256)
     n = lo_ = hi_ = layout = None
     if op == "init":
         n = _int(h, "n")
@@ -195,6 +207,8 @@ def validate_request(h: dict[str, Any], num_workers: int, payload_frames: int) -
         lr=lr,
         layout=layout,
         instance=instance,
+        name=name,
+        status=status,
     )
 
 

@@ -54,6 +54,7 @@ class ShardServer:
         context: zmq.Context | None = None,
         curve_secret_key: str | os.PathLike[str] | None = None,
         curve_clients: str | os.PathLike[str] | None = None,
+        exit_when_done: bool = False,
     ) -> None:
         secured = security.check_server_options(curve_secret_key, curve_clients)  # both or neither
         self.config = config
@@ -82,6 +83,8 @@ class ShardServer:
         self.lock = threading.Lock()
         # (identity, rid, op) of sync pushes waiting for their round, per worker.
         self._deferred: dict[int, tuple[bytes, int, str]] = {}
+        # Return from serve() once every worker has reported its end (docker compose: the job is over).
+        self.exit_when_done = exit_when_done
 
     def stop(self) -> None:
         """Ask :meth:`serve` to return (safe from a signal handler or another thread)."""
@@ -157,13 +160,16 @@ class ShardServer:
             replies = self._dispatch(req, payloads)
             answered = False
             for reply in replies:
-                if reply.worker == req.worker:
+                if reply.worker == req.worker and not answered:
                     answered = True
                     self._send_reply(reply, route)
                 else:  # a sync round completed: the others' answers go where they asked
+                    # (so does the sender's own, when a `done` closes the round its push waited in)
                     self._send_reply(reply, self._deferred.pop(reply.worker, None))
             if not answered and req.op in protocol.PUSH_OPS:
                 self._deferred[req.worker] = route  # a sync push waits for its round
+            if req.op == "done":
+                self._stop_if_job_done()
         except ProtocolError as exc:
             self.counters["errors"] += 1
             self.counters["error:" + exc.code] += 1
@@ -179,6 +185,10 @@ class ShardServer:
             return [self.shard.init(req, _as_tensor(payloads[0]))]
         if req.op == "pull":
             return [self.shard.pull(req.worker, req.rid)]
+        if req.op == "claim":
+            return [Reply(req.worker, self.shard.claim(req.name))]
+        if req.op == "done":
+            return self.shard.done(req.worker, req.status, time.monotonic())
         return self.shard.push(req, _as_tensor(payloads[0]), time.monotonic())
 
     def stats(self) -> dict[str, Any]:
@@ -187,6 +197,18 @@ class ShardServer:
         s["server"] = dict(self.counters)
         s.update(self._restart_info())
         return s
+
+    def _stop_if_job_done(self) -> None:
+        members = self.shard.members
+        if self.exit_when_done and members.all_done:
+            failed = members.failed
+            log.info(
+                "shard %d: all %d workers finished (%s); exiting",
+                self.config.shard,
+                self.config.num_workers,
+                f"failed: {failed}" if failed else "all with status 0",
+            )
+            self._stop.set()
 
     # --- checkpoints (dcasgd/checkpoint.py) ------------------------------------------
 
@@ -200,6 +222,8 @@ class ShardServer:
         if resume:
             self.shard = checkpoint.load(directory, self.config)
             self.resumed_from_version = self.shard.version
+            if self.shard.restart_if_finished():
+                log.info("shard %d: every worker of the resumed job had finished: a new run", self.config.shard)
             log.info("shard %d: resumed at version %d from %s", self.config.shard, self.shard.version, directory)
         self._ckpt_version = self.resumed_from_version
         self._ckpt_time = time.monotonic()

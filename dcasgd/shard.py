@@ -24,13 +24,16 @@ from torch import Tensor
 
 from . import rules
 from .layout import shard_ranges
+from .membership import Membership, NoFreeWorkerId
 from .protocol import (
     ALREADY_PUSHED,
     BAD_FINGERPRINT,
+    BAD_OP,
     BAD_RANGE,
     BAD_SIZE,
     ITEMSIZE,
     NO_WEIGHTS,
+    NO_WORKER_ID,
     NON_FINITE,
     NOT_INITIALIZED,
     ProtocolError,
@@ -140,6 +143,7 @@ class ShardState:
         self.staleness: Counter[int] = Counter()
         self.duplicates = 0
         self.non_finite = 0  # gradients refused for NaN or Inf
+        self.members = Membership(m)  # worker ids by name (shard 0 hands them out), finished workers
         # Per worker, the last answer that carried weights, by (request id, op): a retried
         # request gets the very same answer, so the worker's backup stays the
         # snapshot it actually holds.
@@ -187,7 +191,11 @@ class ShardState:
                     f"init sent {req.n} floats with fingerprint {req.fp}",
                 )
             return
-        if req.op in ("hello", "stats"):
+        if req.op in ("hello", "stats", "done"):
+            return
+        if req.op == "claim":
+            if self.config.shard != 0:
+                raise ProtocolError(BAD_OP, f"this is shard {self.config.shard}: worker ids are claimed from shard 0")
             return
         if not self.initialized:
             raise ProtocolError(NOT_INITIALIZED, f"shard {self.config.shard} has no weights yet (no init)")
@@ -219,6 +227,48 @@ class ShardState:
             "version": self.version,
             "last_seq": self.last_seq[worker],
         }
+
+    def claim(self, name: str) -> dict[str, Any]:
+        """A worker id for the worker called ``name`` (the same one again for the same name)."""
+        try:
+            worker = self.members.claim(name)
+        except NoFreeWorkerId as exc:
+            raise ProtocolError(NO_WORKER_ID, str(exc)) from None
+        log.info("shard %d: worker id %d is %r", self.config.shard, worker, name)
+        return {"worker": worker, "name": name, "num_workers": self.config.num_workers}
+
+    def done(self, worker: int, status: int, now: float) -> list[Reply]:
+        """Worker ``worker`` ended with exit ``status``; a sync round stops waiting for it.
+
+        Returns its answer first, then those of a sync round that this completes.
+        """
+        self.members.finish(worker, status)
+        self.live.discard(worker)
+        log.log(
+            logging.INFO if status == 0 else logging.WARNING,
+            "shard %d: worker %d finished with status %d (%d of %d finished)",
+            self.config.shard,
+            worker,
+            status,
+            len(self.members.finished),
+            self.config.num_workers,
+        )
+        replies = [Reply(worker, {"finished": len(self.members.finished), "num_workers": self.config.num_workers})]
+        if self._round and self.live <= set(self._round):
+            replies += self._close_round(now)
+        return replies
+
+    def restart_if_finished(self) -> bool:
+        """If every worker had reported its end, start a new run from these weights: ids are handed
+        out afresh (new containers have new names) and no worker counts as finished. True if so.
+
+        For a shard resumed from a checkpoint; a job resumed in mid-run keeps its members.
+        """
+        if not self.members.all_done:
+            return False
+        self.members = Membership(self.config.num_workers)
+        self.live = set(range(self.config.num_workers))
+        return True
 
     def init(self, req: Request, weights: Tensor) -> Reply:
         """Take ``weights`` (this shard's slice, float32) unless already initialized."""
@@ -253,6 +303,7 @@ class ShardState:
         A repeat of request ``rid`` gets the same answer as the first time.
         """
         self.live.add(worker)
+        self.members.resume(worker)  # a restarted worker pulls first: it is at work again
         repeat = self._repeat(worker, (rid, "pull"))
         if repeat is not None:
             return repeat
@@ -364,12 +415,14 @@ class ShardState:
             "rounds": self.rounds,
             "left_out": self.left_out,
             "live": sorted(self.live),
+            "finished": sorted(self.members.finished.items()),
             "snapshots": 1 + len(self._retired) + len(self._free) if self._current else 0,
         }
 
     # --- internals ---------------------------------------------------------------
 
     def _record(self, worker: int, seq: int) -> int:
+        self.members.resume(worker)
         self.last_seq[worker] = seq
         self.updates[worker] += 1
         staleness = self.version - self.received_version[worker]
@@ -509,6 +562,7 @@ class ShardState:
             "rounds": self.rounds,
             "left_out": self.left_out,
             "live": sorted(self.live),
+            "members": self.members.export_state(),
             "w": self.w,
             "ms": self._ms,
             "momentum": self._momentum,
@@ -524,6 +578,7 @@ class ShardState:
         Buffers that ``config`` needs and ``state`` lacks (say, momentum turned on) start at zero.
         """
         self = cls(config)
+        self.members = Membership.from_state(config.num_workers, state.get("members"))
         if not state["initialized"]:
             return self
         self.initialized = True

@@ -79,7 +79,9 @@ ap.add_argument("--result-file", help="write this worker's accuracy and timing h
 args = ap.parse_args()
 started = time.perf_counter()
 
-device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# Workers that share a host (and see the same GPUs) spread over them by worker id, like LOCAL_RANK.
+gpus = torch.cuda.device_count()
+device = torch.device(f"cuda:{dcasgd.env.resolve().worker_id % gpus}" if gpus else "cpu")
 torch.backends.cudnn.benchmark = True
 x_train, y_train, x_test, y_test = (t.to(device) for t in load_cifar10(args.data_dir))
 

@@ -53,6 +53,11 @@ def head(op: str, /, **fields: Any) -> dict:
     return {k: v for k, v in h.items() if v is not MISSING}
 
 
+def claim_head(name: Any, /, **fields: Any) -> dict:
+    """A claim header for ``name`` (MISSING: no name), without a worker id, then ``fields`` on top."""
+    return head("claim", **{"worker": MISSING, "name": name, **fields})
+
+
 def packb(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
@@ -266,6 +271,27 @@ ERROR_CASES = [
     # the shard's state
     case("push-before-receiving-weights", P.NO_WEIGHTS, head("push", worker=2), G),
     case("push_pull-before-receiving-weights", P.NO_WEIGHTS, head("push_pull", worker=2), G),
+    # claim: a worker's name (no worker id needed); a refused claim takes no id
+    case("claim-name-missing", P.BAD_HEADER, claim_head(MISSING)),
+    case("claim-name-empty", P.BAD_HEADER, claim_head("")),
+    case("claim-name-257-chars", P.BAD_HEADER, claim_head("n" * (P.MAX_NAME_CHARS + 1))),
+    case("claim-name-int", P.BAD_HEADER, claim_head(7)),
+    case("claim-name-bytes", P.BAD_HEADER, claim_head(b"worker-a")),
+    case("claim-name-newline", P.BAD_HEADER, claim_head("worker\nb")),
+    case("claim-name-nul", P.BAD_HEADER, claim_head("worker\x00b")),
+    case("claim-worker-out-of-range", P.BAD_WORKER, claim_head("fresh-name", worker=WORKERS)),
+    case("claim-extra-frame", P.BAD_FRAMES, claim_head("fresh-name"), b"x"),
+    # done: a worker's exit status; a refused done finishes nobody (stats "finished" and "live" unchanged)
+    case("done-status-missing", P.BAD_HEADER, head("done")),
+    case("done-status-negative", P.BAD_HEADER, head("done", status=-1)),
+    case("done-status-256", P.BAD_HEADER, head("done", status=256)),
+    case("done-status-str", P.BAD_HEADER, head("done", status="0")),
+    case("done-status-bool", P.BAD_HEADER, head("done", status=True)),
+    case("done-status-float", P.BAD_HEADER, head("done", status=0.0)),
+    case("done-worker-out-of-range", P.BAD_WORKER, head("done", worker=WORKERS, status=0)),
+    case("done-worker-negative", P.BAD_WORKER, head("done", worker=-1, status=0)),
+    case("done-worker-missing", P.BAD_HEADER, head("done", worker=MISSING, status=0)),
+    case("done-extra-frame", P.BAD_FRAMES, head("done", status=0), G),
 ]
 
 
@@ -355,6 +381,25 @@ def test_many_bad_messages_in_a_burst_leave_the_server_serving(job, raw_peer):
     assert_unchanged(before, after)
     assert after.count("dropped") == before.count("dropped") + bursts
     assert after.count("error:bad_seq") == before.count("error:bad_seq") + bursts
+
+
+@pytest.mark.timeout(30)
+def test_claim_when_every_id_is_taken_gets_no_worker_id_and_changes_nothing(job, raw_peer):
+    """Claims on the module's job use names of their own: membership is not in stats, no other test claims."""
+    peer = raw_peer(job.endpoint)
+    names = ["bad-input-a", "b" * P.MAX_NAME_CHARS, "bad-input-\u00fc"]  # the longest name, a non-ASCII one
+    ids = {}
+    for name in names:
+        reply, payload = peer.request(claim_head(name))
+        assert reply["ok"] is True and payload == [] and reply["name"] == name and reply["num_workers"] == WORKERS
+        ids[name] = reply["worker"]
+    assert sorted(ids.values()) == list(range(WORKERS)), "three names, three distinct ids"
+    for _ in range(2):  # refused twice: the first refusal took no id
+        reply = expect_error(peer, job.client, (claim_head("bad-input-one-too-many"),), P.NO_WORKER_ID)
+        assert f"started for {WORKERS} workers" in reply["msg"]
+    for name in names:  # every name keeps its id
+        reply, _ = peer.request(claim_head(name))
+        assert reply["ok"] is True and reply["worker"] == ids[name]
 
 
 # --- other clusters: before init, and sync mode -------------------------------------------------------------

@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,6 @@ from conftest import _read_endpoint, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARDS = ["shard0", "shard1"]
-WORKERS = [f"worker{i}" for i in range(4)]
 HYPER = {  # compose variable -> (server option, default)
     "DCASGD_MODE": ("--mode", "dcasgd-a"),
     "DCASGD_NUM_WORKERS": ("--num-workers", "4"),
@@ -64,7 +64,7 @@ def option(command: list[str], name: str) -> str:
 def test_compose_services_commands_and_environment():
     raw = load("docker-compose.yml")
     c = interpolate(raw, {})
-    assert set(c["services"]) == {*SHARDS, *WORKERS, "report"}
+    assert set(c["services"]) == {*SHARDS, "worker"}
     assert c["networks"]["dcasgd"]["internal"] is True
     assert set(c["volumes"]) == {"checkpoints", "results"}
     for i, name in enumerate(SHARDS):
@@ -74,60 +74,60 @@ def test_compose_services_commands_and_environment():
         assert option(cmd, "--bind") == "tcp://0.0.0.0:5555"
         assert (option(cmd, "--shard"), option(cmd, "--num-shards")) == (str(i), "2")
         assert option(cmd, "--checkpoint-dir") == f"/checkpoints/shard{i}"
+        assert "--exit-when-done" in cmd  # the job, and `docker compose up`, end when the workers have
         assert "--resume" not in cmd  # the entry script adds it when a checkpoint exists
         for var, (opt, default) in HYPER.items():
             assert option(cmd, opt) == default, opt
             assert option(raw["services"][name]["command"], opt) == f"${{{var}:-{default}}}", opt
         assert s["build"]["dockerfile"] == "server/Dockerfile"
+        assert s["restart"] == "on-failure"  # a crash: restarted, resumes; the end of the job (exit 0): not
         assert "checkpoints:/checkpoints" in s["volumes"]
         assert s["networks"] == ["dcasgd"] and "ports" not in s
         assert s["healthcheck"]["test"][0] == "CMD-SHELL"
         assert "dcasgd status tcp://127.0.0.1:5555" in s["healthcheck"]["test"][1]
-    # Overridden environment variables reach the commands.
+
+    w = c["services"]["worker"]
+    assert w["deploy"]["replicas"] == "4"  # compose casts the interpolated value to an int
+    assert raw["services"]["worker"]["deploy"]["replicas"] == "${DCASGD_NUM_WORKERS:-4}"
+    assert w["build"]["dockerfile"] == "worker/Dockerfile"
+    assert w["build"]["args"]["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
+    assert raw["services"]["worker"]["build"]["args"]["TORCH_INDEX_URL"].startswith("${TORCH_INDEX_URL:-")
+    assert w["command"][:2] == ["python", "examples/train_digits.py"]
+    assert option(w["command"], "--result-file") == "/results/worker{worker}.json"
+    # No id in the service: every replica claims its own from shard 0 (worker/entrypoint.sh).
+    assert w["environment"] == {"DCASGD_SERVERS": "tcp://shard0:5555,tcp://shard1:5555", "DCASGD_NUM_WORKERS": "4"}
+    assert w["depends_on"] == {s: {"condition": "service_healthy"} for s in SHARDS}
+    assert w["networks"] == ["dcasgd"] and "results:/results" in w["volumes"]
+    assert w["init"] is True and w["restart"] == "no"
+
+    # One variable sizes the job: the replicas and the shards' --num-workers move together.
     env = {"DCASGD_MODE": "sync", "DCASGD_NUM_WORKERS": "3", "DCASGD_LR": "0.5"}
     o = interpolate(raw, env)["services"]
     assert option(o["shard1"]["command"], "--mode") == "sync"
     assert option(o["shard1"]["command"], "--num-workers") == "3"
-    assert o["worker2"]["environment"]["DCASGD_NUM_WORKERS"] == "3"
-
-    ids = []
-    for name in WORKERS:
-        w = c["services"][name]
-        assert w["build"]["dockerfile"] == "worker/Dockerfile"
-        assert w["build"]["args"]["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
-        assert raw["services"][name]["build"]["args"]["TORCH_INDEX_URL"].startswith("${TORCH_INDEX_URL:-")
-        assert w["command"][:2] == ["python", "examples/train_digits.py"]
-        assert option(w["command"], "--result-file") == "/results/worker{worker}.json"
-        assert w["environment"]["DCASGD_SERVERS"] == "tcp://shard0:5555,tcp://shard1:5555"
-        assert w["environment"]["DCASGD_NUM_WORKERS"] == "4"
-        assert w["depends_on"] == {s: {"condition": "service_healthy"} for s in SHARDS}
-        assert w["networks"] == ["dcasgd"] and "results:/results" in w["volumes"]
-        ids.append(w["environment"]["DCASGD_WORKER_ID"])
-    assert ids == ["0", "1", "2", "3"]  # unique, one per worker service
-    report = c["services"]["report"]
-    assert report["image"] == "python:3.11-slim"
-    assert report["depends_on"] == {w: {"condition": "service_completed_successfully"} for w in WORKERS}
+    assert o["worker"]["deploy"]["replicas"] == "3"
+    assert o["worker"]["environment"]["DCASGD_NUM_WORKERS"] == "3"
 
 
 def test_compose_overrides_curve_and_gpu():
     curve = interpolate(load("docker-compose.curve.yml"), {})["services"]
-    assert set(curve) == {*SHARDS, *WORKERS}
+    assert set(curve) == {*SHARDS, "worker"}
     for s in SHARDS:
         env = curve[s]["environment"]
         assert env["DCASGD_CURVE_SECRET_KEY"].endswith(".key_secret") and env["DCASGD_CURVE_CLIENTS"]
         assert env["DCASGD_CURVE_SERVER_KEY"].endswith(".key")  # for the health check
         assert "./keys:/keys:ro" in curve[s]["volumes"]
-    for w in WORKERS:
-        env = curve[w]["environment"]
-        assert set(env) == {"DCASGD_CURVE_KEY", "DCASGD_CURVE_SERVER_KEY"}
-        assert "./keys:/keys:ro" in curve[w]["volumes"]
+    env = curve["worker"]["environment"]
+    assert set(env) == {"DCASGD_CURVE_KEY", "DCASGD_CURVE_SERVER_KEY"}
+    assert "./keys:/keys:ro" in curve["worker"]["volumes"]
 
     gpu = interpolate(load("docker-compose.gpu.yml"), {})["services"]
-    for w in WORKERS:
-        assert gpu[w]["build"]["args"]["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cu126"
-        (device,) = gpu[w]["deploy"]["resources"]["reservations"]["devices"]
-        assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
-    assert not set(gpu) & set(SHARDS)
+    assert set(gpu) == {"worker"}
+    assert gpu["worker"]["build"]["args"]["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cu126"
+    (device,) = gpu["worker"]["deploy"]["resources"]["reservations"]["devices"]
+    # count: all, not 1: Docker would give every replica the same first GPU; scripts pick one by worker id.
+    assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"] and device["count"] == "all"
+    assert "worker_id % gpus" in (ROOT / "examples" / "train_cifar10.py").read_text()
 
 
 @pytest.mark.parametrize("role", ["server", "worker"])
@@ -177,7 +177,7 @@ def test_k8s_manifests_match_compose():
     assert job["completions"] == job["parallelism"] == int(config["DCASGD_NUM_WORKERS"])
     (worker,) = job["template"]["spec"]["containers"]
     assert "command" not in worker
-    compose_worker = load("docker-compose.yml")["services"]["worker0"]["command"]
+    compose_worker = load("docker-compose.yml")["services"]["worker"]["command"]
     assert worker["args"][:2] == compose_worker[:2]
     assert option(worker["args"], "--result-file") == option(compose_worker, "--result-file")
     assert worker["envFrom"] == [{"configMapRef": {"name": "dcasgd-job"}}]
@@ -212,43 +212,76 @@ def _start_shard(name, service, endpoints, tmp_path, log: Path):
     return proc, _read_endpoint(proc, log)
 
 
+def _start_worker(service, endpoints, tmp_path, host: str, out: Path, command=None, **popen):
+    """One replica of the worker service. ``host`` stands for its container's host name, which the
+    entry script uses as the worker's name: every container has its own (here, one host for all)."""
+    cmd = [*_entry(service), *(_local(a, endpoints, tmp_path) for a in command or service["command"])]
+    env = {**_env(service, endpoints, tmp_path), "DCASGD_WORKER_NAME": host}
+    with open(out, "w") as f:
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=popen.pop("stdout", f), stderr=f, env=env, **popen)
+
+
+def wait_like_compose_up(procs: dict[str, subprocess.Popen], timeout: float) -> tuple[int, dict[str, int]]:
+    """What `docker compose up --abort-on-container-failure` does with these containers: wait until all
+    have exited; the first to exit non-zero stops the others and its code is up's. Returns (up's code,
+    each one's exit code). Fails if they do not all exit within ``timeout`` s (a job that never ends)."""
+    deadline = time.monotonic() + timeout
+    failed = None
+    while any(p.poll() is None for p in procs.values()):
+        assert time.monotonic() < deadline, (
+            f"still running after {timeout} s: {[n for n, p in procs.items() if p.poll() is None]}"
+        )
+        for name, p in procs.items():
+            if failed is None and p.poll() not in (None, 0):
+                failed = name
+                for other in procs.values():
+                    if other.poll() is None:
+                        other.terminate()
+        try:
+            next(p for p in procs.values() if p.poll() is None).wait(timeout=0.2)
+        except (subprocess.TimeoutExpired, StopIteration):
+            pass
+    codes = {name: p.returncode for name, p in procs.items()}
+    return (codes[failed] if failed else 0), codes
+
+
 @pytest.mark.timeout(240)
-def test_compose_commands_train_digits(tmp_path):
+def test_compose_up_trains_digits_and_ends_with_the_workers(tmp_path):
+    """`docker compose up --abort-on-container-failure`, as local processes: 2 shards and the worker
+    service's 4 replicas, which claim ids 0..3; the job ends by itself (exit 0) at the demo's accuracy."""
     services = interpolate(load("docker-compose.yml"), {})["services"]
+    replicas = int(services["worker"]["deploy"]["replicas"])
     (tmp_path / "results").mkdir()
-    shards, endpoints, workers = {}, {}, {}
+    procs, endpoints = {}, {}
     try:
         for name in SHARDS:
-            shards[name], endpoints[name] = _start_shard(
+            procs[name], endpoints[name] = _start_shard(
                 name, services[name], endpoints, tmp_path, tmp_path / f"{name}.log"
             )
-        for name in WORKERS:
-            s = services[name]
-            cmd = [*_entry(s), *(_local(a, endpoints, tmp_path) for a in s["command"])]
-            with open(tmp_path / f"{name}.out", "w") as out:
-                workers[name] = subprocess.Popen(
-                    cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=_env(s, endpoints, tmp_path)
-                )
-        for name, proc in workers.items():
-            assert proc.wait(timeout=180) == 0, (tmp_path / f"{name}.out").read_text()
-        # The healthcheck's command, against each running shard.
-        for name in SHARDS:
+        for name in SHARDS:  # the health check that the workers' depends_on waits for
             check = services[name]["healthcheck"]["test"][1].replace("tcp://127.0.0.1:5555", endpoints[name])
             assert subprocess.run(check, shell=True, env=_env({}, {}, tmp_path), timeout=60).returncode == 0
+        for i in range(replicas):
+            procs[f"worker-{i + 1}"] = _start_worker(
+                services["worker"], endpoints, tmp_path, f"c0ffee{i:06d}", tmp_path / f"worker-{i + 1}.out"
+            )
+        code, codes = wait_like_compose_up(procs, timeout=200)
     finally:
-        for proc in workers.values():
+        for proc in procs.values():
             stop_process(proc)
-        codes = {name: stop_process(proc) for name, proc in shards.items()}
-    assert codes == {"shard0": 0, "shard1": 0}, [(tmp_path / f"{s}.log").read_text() for s in SHARDS]
+    logs = {n: (tmp_path / f"{n}.out").read_text() for n in procs if n.startswith("worker")}
+    assert code == 0 and set(codes.values()) == {0}, (codes, logs)
+    for name in SHARDS:
+        assert "all 4 workers finished (all with status 0); exiting" in (tmp_path / f"{name}.log").read_text()
 
-    results = [json.loads((tmp_path / "results" / f"worker{i}.json").read_text()) for i in range(4)]
-    assert [r["worker"] for r in results] == [0, 1, 2, 3]
+    results = [json.loads((tmp_path / "results" / f"worker{i}.json").read_text()) for i in range(replicas)]
+    assert [r["worker"] for r in results] == [0, 1, 2, 3]  # each id once
     assert min(r["test_accuracy"] for r in results) >= 0.95, results
-    report = services["report"]["command"]
-    out = subprocess.run([_local(a, {}, tmp_path) for a in report], capture_output=True, text=True, timeout=30)
-    assert out.returncode == 0 and out.stdout.count('"test_accuracy"') == 4, out
+    claimed = sorted(int(re.search(r"worker id (\d+) \(claimed as 'c0ffee", log).group(1)) for log in logs.values())
+    assert claimed == [0, 1, 2, 3], logs
 
     # A restarted shard (same command, checkpoint on the volume) resumes: the entry script adds --resume.
+    # The job it resumes had finished, so this is a new run: ids are handed out afresh.
     for i, name in enumerate(SHARDS):
         assert list((tmp_path / "checkpoints" / name).glob(f"shard{i}-v*.ckpt")), name
     log = tmp_path / "shard0-restart.log"
@@ -257,7 +290,59 @@ def test_compose_commands_train_digits(tmp_path):
         assert stop_process(proc) == 0
     finally:
         stop_process(proc)
-    assert "resuming" in log.read_text()
+    assert "resuming" in log.read_text() and "a new run" in log.read_text()
+
+
+@pytest.mark.timeout(120)
+def test_scaled_workers_get_unique_ids_and_extra_ones_are_told(tmp_path):
+    """`DCASGD_NUM_WORKERS=2` with 3 containers (as `--scale worker=3` would start): 2 get ids 0 and 1,
+    the third exits 2 saying the job has 2 workers; a restarted container gets its own id back; a worker
+    that fails is reported, and the shards still end the job instead of waiting for it."""
+    services = interpolate(load("docker-compose.yml"), {"DCASGD_NUM_WORKERS": "2"})["services"]
+    assert services["worker"]["deploy"]["replicas"] == "2"
+    # Instead of training, each worker prints its id and waits for a line on stdin (our go-ahead).
+    command = ["sh", "-c", 'echo "id=$DCASGD_WORKER_ID of $DCASGD_NUM_WORKERS"; read line; exit "$line"']
+    procs, endpoints, workers = {}, {}, {}
+    try:
+        for name in SHARDS:
+            procs[name], endpoints[name] = _start_shard(
+                name, services[name], endpoints, tmp_path, tmp_path / f"{name}.log"
+            )
+
+        def start(host: str) -> subprocess.Popen:
+            workers[f"{host}-{len(workers)}"] = proc = _start_worker(
+                services["worker"], endpoints, tmp_path, host, tmp_path / f"{host}-{len(workers)}.err",
+                command=command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            )  # fmt: skip
+            return proc
+
+        a, b = start("container-a"), start("container-b")
+        ids = {}
+        for host, proc in (("a", a), ("b", b)):
+            line = proc.stdout.readline()  # blocks until the command runs, i.e. the id was claimed
+            ids[host] = re.fullmatch(r"id=(\d) of 2\n", line).group(1)
+        assert sorted(ids.values()) == ["0", "1"]
+
+        extra = start("container-c")
+        assert extra.wait(timeout=60) == 2
+        err = (tmp_path / "container-c-2.err").read_text()
+        assert "all 2 worker ids are taken" in err and "started for 2 workers" in err, err
+
+        restarted = start("container-a")  # the same host name: the container came back
+        assert restarted.stdout.readline() == f"id={ids['a']} of 2\n"
+        restarted.communicate("0\n", timeout=60)
+        a.communicate("0\n", timeout=60)
+        b.communicate("3\n", timeout=60)  # fails with status 3
+        codes = {name: procs[name].wait(timeout=60) for name in SHARDS}  # they end by themselves
+    finally:
+        for proc in [*workers.values(), *procs.values()]:
+            stop_process(proc)
+    assert (a.returncode, b.returncode, restarted.returncode) == (0, 3, 0)
+    assert codes == {"shard0": 0, "shard1": 0}
+    for name in SHARDS:
+        log = (tmp_path / f"{name}.log").read_text()
+        assert f"all 2 workers finished (failed: {{{ids['b']}: 3}}); exiting" in log, log
+    assert "exited with status 3; reported to 2 shards" in (tmp_path / "container-b-1.err").read_text()
 
 
 @pytest.mark.timeout(60)
@@ -279,12 +364,17 @@ def test_server_entrypoint_adds_resume_only_with_a_checkpoint(tmp_path):
     assert out.returncode == 2 and "DCASGD_CURVE_CLIENTS" in out.stderr, out
 
 
-@pytest.mark.timeout(30)
-def test_worker_entrypoint_maps_job_completion_index(tmp_path):
-    entry = ["sh", str(ROOT / "worker" / "entrypoint.sh"), "sh", "-c", 'echo "$DCASGD_WORKER_ID"']
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DCASGD_", "JOB_COMPLETION"))}
-    out = subprocess.run(entry, env={**env, "JOB_COMPLETION_INDEX": "3"}, capture_output=True, text=True, timeout=20)
-    assert out.stdout.strip() == "3"
-    both = {**env, "JOB_COMPLETION_INDEX": "3", "DCASGD_WORKER_ID": "1"}
-    out = subprocess.run(entry, env=both, capture_output=True, text=True, timeout=20)
-    assert out.stdout.strip() == "1"
+@pytest.mark.timeout(60)
+def test_worker_entrypoint_takes_the_id_from_job_completion_index(cluster_factory):
+    """Kubernetes: an Indexed Job's JOB_COMPLETION_INDEX is the id (no claim); DCASGD_WORKER_ID wins."""
+    with cluster_factory(1, 4, "async") as cluster:
+        base = _env({"environment": {"DCASGD_SERVERS": cluster.endpoints[0]}}, {}, Path("/"))
+        entry = ["sh", str(ROOT / "worker" / "entrypoint.sh"), "sh", "-c", 'echo "$DCASGD_WORKER_ID"']
+        out = subprocess.run(
+            entry, env={**base, "JOB_COMPLETION_INDEX": "3"}, capture_output=True, text=True, timeout=50
+        )
+        assert out.returncode == 0 and out.stdout.strip() == "3", out
+        assert "worker id 3 (from the environment)" in out.stderr and "reported to 1 shards" in out.stderr
+        both = {**base, "JOB_COMPLETION_INDEX": "3", "DCASGD_WORKER_ID": "1"}
+        out = subprocess.run(entry, env=both, capture_output=True, text=True, timeout=50)
+        assert out.stdout.strip() == "1", out

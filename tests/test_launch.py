@@ -222,7 +222,7 @@ def test_children_die_with_a_killed_launcher(tmp_path):
 def test_launch_without_a_command_is_a_usage_error(capsys, argv):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
-    assert "usage: dcasgd launch" in err and "no worker command: give it after --" in err
+    assert "usage: dcasgd launch" in err and "no command: give it after --" in err
 
 
 def test_server_options_the_launcher_sets_are_refused():

@@ -53,6 +53,7 @@ def test_scrape_shows_staleness_updates_and_drops(cluster_factory, raw_peer):
         for _ in range(3):  # interleaved: every push after the first is one update behind
             c0.push_pull(g, lr=0.1)
             c1.push_pull(g, lr=0.1)
+        c1.done(3)  # worker 1 reports that its command ended with status 3
         raw_peer(cl.endpoints[0]).send(b"\xc1 not msgpack")  # dropped, unanswered
         deadline = time.monotonic() + 10.0
         while True:  # the junk frame is counted when the shard has read it
@@ -75,6 +76,7 @@ def test_scrape_shows_staleness_updates_and_drops(cluster_factory, raw_peer):
     assert requests["push_pull"] == 6 and requests["pull"] == 2 and requests["init"] == 1
     assert m["dcasgd_received_bytes_total"][shard] > 6 * N * 4 and m["dcasgd_sent_bytes_total"][shard] > 8 * N * 4
     assert m["dcasgd_sync_rounds_total"][shard] == 0
+    assert m["dcasgd_worker_finished"] == {(("shard", "0"), ("status", "3"), ("worker", "1")): 1}
 
 
 @pytest.mark.timeout(60)

@@ -1,0 +1,78 @@
+"""Who the workers of a job are, and which of them have finished; no sockets.
+
+Containers started by ``docker compose up --scale worker=N`` are alike: none knows its
+index. Each asks shard 0 for an id under a name of its own (its container's host
+name); :class:`Membership` hands out the lowest free id in ``[0, num_workers)`` and
+gives the same name the same id again, so a restarted container keeps its id (and its
+sequence numbers). When a worker's command ends, its wrapper reports the exit status
+(``done``); once every worker has, the job is over and a shard started with
+``--exit-when-done`` exits.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class NoFreeWorkerId(Exception):
+    """Every id of the job is held by another name."""
+
+
+class Membership:
+    """Worker ids by name, and the exit status each finished worker reported."""
+
+    def __init__(self, num_workers: int) -> None:
+        if num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        self.num_workers = num_workers
+        self.names: dict[str, int] = {}  # name -> id, in claim order
+        self.finished: dict[int, int] = {}  # id -> exit status (0..255)
+
+    def claim(self, name: str) -> int:
+        """The id of worker ``name``: the one it had, else the lowest free one.
+
+        Raises :class:`NoFreeWorkerId` when all ``num_workers`` ids are held by other names.
+        """
+        if name in self.names:
+            return self.names[name]
+        held = set(self.names.values())
+        for worker in range(self.num_workers):
+            if worker not in held:
+                self.names[name] = worker
+                return worker
+        raise NoFreeWorkerId(
+            f"all {self.num_workers} worker ids are taken (by {', '.join(sorted(self.names))}); "
+            f"the job was started for {self.num_workers} workers: start no more workers than that, "
+            "or start the shards with a larger --num-workers"
+        )
+
+    def finish(self, worker: int, status: int) -> None:
+        """Worker ``worker`` ended with exit ``status`` (0: success)."""
+        self.finished[worker] = status
+
+    def resume(self, worker: int) -> None:
+        """Worker ``worker`` is at work again (a restart after it reported)."""
+        self.finished.pop(worker, None)
+
+    @property
+    def all_done(self) -> bool:
+        """True once every worker of the job has reported its end."""
+        return len(self.finished) == self.num_workers
+
+    @property
+    def failed(self) -> dict[int, int]:
+        """Finished workers whose status was not 0: id -> status."""
+        return {w: s for w, s in sorted(self.finished.items()) if s != 0}
+
+    def export_state(self) -> dict[str, Any]:
+        """Plain values for a checkpoint."""
+        return {"names": [[n, w] for n, w in self.names.items()], "finished": sorted(self.finished.items())}
+
+    @classmethod
+    def from_state(cls, num_workers: int, state: dict[str, Any] | None) -> Membership:
+        """The membership :meth:`export_state` described (None: a fresh one)."""
+        m = cls(num_workers)
+        if state:
+            m.names = {str(n): int(w) for n, w in state["names"] if 0 <= int(w) < num_workers}
+            m.finished = {int(w): int(s) for w, s in state["finished"] if 0 <= int(w) < num_workers}
+        return m
