@@ -88,10 +88,10 @@ def run_worker(
 ) -> int:
     """Run ``command`` as a worker of the job in ``DCASGD_SERVERS``; returns its exit code.
 
-    ``claim_timeout``: seconds to wait for shard 0 to hand out an id (or, for an id the
-    environment gives, to answer at all: the id is checked against the job's size). ``report_timeout``:
-    seconds per try (two tries) to report the end to each shard; a shard that does not
-    answer is skipped with a message (the command's status is returned all the same).
+    ``claim_timeout``: seconds to wait for shard 0 to hand out an id (or, for an id that the
+    environment gives, to answer at all: the id is checked against the job's size).
+    ``report_timeout``: seconds per try (two tries) to report the end to the shards; if they
+    do not answer, a message says so and the command's status is returned all the same.
     """
     name = name or default_name()
     try:
