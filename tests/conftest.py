@@ -180,3 +180,21 @@ class ShardDriver:
         if op == "pull":
             return [self.state.pull(worker, req.rid)]
         return self.state.push(req, payload.clone(), now=0.0)
+
+
+def assert_all_gone(pids: list[int], timeout: float = 10.0) -> None:
+    """Each pid exits within ``timeout`` s (a zombie counts as gone: the process has ended)."""
+    assert pids
+    deadline = time.monotonic() + timeout
+    alive = []
+    for pid in pids:
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            continue
+        try:
+            if not select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                alive.append(pid)
+        finally:
+            os.close(fd)
+    assert not alive, f"processes left behind: {alive}"

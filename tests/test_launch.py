@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import select
 import signal
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import assert_all_gone
 
 from dcasgd import cli
 from dcasgd.launch import LaunchError, LocalCluster, launch
@@ -115,24 +115,6 @@ def launched_pids(output: str) -> list[int]:
     pids = re.findall(r"^\[launch\] (?:shard|worker) \d+ pid (\d+)", output, re.M)
     pids += re.findall(r"^\[worker\d+\] ready grandchild (\d+)", output, re.M)
     return [int(p) for p in pids]
-
-
-def assert_all_gone(pids: list[int], timeout: float = 10.0) -> None:
-    """Each pid exits within ``timeout`` s (a zombie counts as gone: the process has ended)."""
-    assert pids
-    deadline = time.monotonic() + timeout
-    alive = []
-    for pid in pids:
-        try:
-            fd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            continue
-        try:
-            if not select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
-                alive.append(pid)
-        finally:
-            os.close(fd)
-    assert not alive, f"processes left behind: {alive}"
 
 
 def test_happy_path_through_the_cli(tmp_path, capsys, monkeypatch):

@@ -6,9 +6,9 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
+from conftest import assert_all_gone
 
 from dcasgd.client import fetch_stats
 
@@ -27,21 +27,7 @@ def _worker(endpoints: list[str], *command: str, **env: str) -> subprocess.Popen
     )
 
 
-def _gone(pid: int, timeout: float = 10.0) -> bool:
-    """True once ``pid`` no longer exists (or is a zombie), within ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    return True
-        except FileNotFoundError:
-            return True
-        time.sleep(0.05)  # polling another process's state; bounded by the deadline
-    return False
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="checks that the command is gone with pidfd_open (Linux)")
 @pytest.mark.timeout(60)
 def test_sigterm_reaches_the_command_and_its_status_reaches_the_shards(cluster_factory):
     with cluster_factory(2, 2, "async") as cluster:
@@ -50,14 +36,14 @@ def test_sigterm_reaches_the_command_and_its_status_reaches_the_shards(cluster_f
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
         assert proc.returncode == 128 + signal.SIGTERM, err
-        assert _gone(child)
+        assert_all_gone([child])
         assert "worker id 0 (claimed as 'host-a')" in err
         assert "exited with status 143; reported to 2 shards (1 of 2 finished)" in err
         for ep in cluster.endpoints:
             assert fetch_stats(ep)["finished"] == [[0, 143]]
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG, /proc")
+@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="PR_SET_PDEATHSIG and pidfd_open (Linux)")
 @pytest.mark.timeout(60)
 def test_a_killed_wrapper_takes_its_command_along(cluster_factory):
     with cluster_factory(1, 1, "async") as cluster:
@@ -65,7 +51,7 @@ def test_a_killed_wrapper_takes_its_command_along(cluster_factory):
         child = int(proc.stdout.readline())
         proc.kill()
         proc.communicate(timeout=30)
-        assert _gone(child)
+        assert_all_gone([child])
 
 
 @pytest.mark.timeout(60)
