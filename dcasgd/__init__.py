@@ -1,6 +1,6 @@
 """dcasgd: a sharded ZeroMQ parameter server for asynchronous SGD with delay compensation."""
 
-from .client import Client, DcasgdError, ServerError, ShardTimeout
+from .client import Client, DcasgdError, HandshakeError, ServerError, ShardTimeout
 from .layout import FlatLayout, shard_ranges
 from .optim import DistributedOptimizer
 from .rules import MODES, RuleConfig
@@ -14,6 +14,7 @@ __all__ = [
     "RuleConfig",
     "ServerError",
     "ShardTimeout",
+    "HandshakeError",
     "shard_ranges",
 ]
 __version__ = "0.1.0"

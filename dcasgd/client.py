@@ -24,12 +24,16 @@ from torch import Tensor
 from zmq.utils import monitor as zmq_monitor
 
 from . import protocol
-from .env import parse_servers
+from .env import WORKER_ID, JobConfigError, parse_servers, worker_id_from_environment
 from .layout import flat_fingerprint, shard_ranges
 from .memory import keep_freed_memory
-from .security import client_keys
+from .security import ENV_KEY, ENV_SERVER_KEY, client_keys
 
 _COPY_THRESHOLD = 64 * 1024  # below this ZeroMQ copies anyway, and tracking costs more than it saves
+_HANDSHAKE_FAILED = (
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+)
+_HANDSHAKE_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | _HANDSHAKE_FAILED
 
 
 class DcasgdError(RuntimeError):
@@ -38,6 +42,14 @@ class DcasgdError(RuntimeError):
 
 class ShardTimeout(DcasgdError):
     """A shard did not answer within the deadline, after all retries."""
+
+
+class HandshakeError(ShardTimeout):
+    """A shard did not answer because the connection's security handshake failed (CURVE keys).
+
+    A :class:`ShardTimeout`, raised at the same deadline, whose message names the likely
+    cause and the settings to check.
+    """
 
 
 class ServerError(DcasgdError):
@@ -56,7 +68,8 @@ class Client:
 
     ``servers``: endpoints in shard order (shard ``s`` at ``servers[s]``), or a
     comma-separated string, or None for ``DCASGD_SERVERS``. ``worker_id``: this
-    worker's id in ``[0, num_workers)``. ``timeout``: seconds to wait for one
+    worker's id in ``[0, num_workers)``, or None for ``DCASGD_WORKER_ID`` (``RANK``,
+    ``SLURM_PROCID``). ``timeout``: seconds to wait for one
     shard's answer to one try; ``retries``: extra tries after a timeout.
     ``curve_key``: this worker's ``.key_secret`` file and ``server_key``: the shards'
     public ``.key`` file (or its Z85 text), for shards that run with CURVE; by default
@@ -75,8 +88,8 @@ class Client:
 
     def __init__(
         self,
-        servers: str | Sequence[str] | None,
-        worker_id: int,
+        servers: str | Sequence[str] | None = None,
+        worker_id: int | None = None,
         *,
         timeout: float = 30.0,
         retries: int = 2,
@@ -88,6 +101,10 @@ class Client:
     ) -> None:
         self.servers = list(parse_servers(servers))
         keep_freed_memory()  # each reply would otherwise land in freshly faulted pages
+        if worker_id is None:
+            worker_id = worker_id_from_environment()
+            if worker_id is None:
+                raise JobConfigError(f"no worker id: pass worker_id= or set {', '.join(WORKER_ID)}")
         if worker_id < 0:
             raise ValueError(f"worker_id must be >= 0, got {worker_id}")
         if not timeout > 0:
@@ -101,6 +118,7 @@ class Client:
         self._own_ctx = context is None
         self._ctx = context or zmq.Context(io_threads=max(1, min(4, len(self.servers))))
         self._monitors: dict[zmq.Socket, zmq.Socket] = {}
+        self._handshakes: dict[zmq.Socket, _Handshakes] = {}
         self._socks = [self._connect(ep) for ep in self.servers]
         # Request ids start at random so that a restarted worker never repeats one the shard remembers.
         self._rids = itertools.count(random.getrandbits(48))
@@ -216,8 +234,7 @@ class Client:
     def close(self) -> None:
         """Close the sockets (and the ZeroMQ context if this client made it)."""
         for s in self._socks:
-            self._monitors.pop(s).close(linger=0)
-            s.close(linger=0)
+            self._close_socket(s)
         self._socks = []
         if self._own_ctx:
             self._ctx.term()
@@ -236,16 +253,24 @@ class Client:
         if self._curve is not None:
             self._curve.apply(s)
         # A request in flight when a shard dies is lost with it; ZeroMQ reconnects by itself, and
-        # this monitor says when, so the request goes again at once instead of after the timeout.
-        self._monitors[s] = s.get_monitor_socket(zmq.EVENT_CONNECTED)
+        # this monitor says when (a second handshake), so the request goes again at once instead
+        # of after the timeout. It also says why a handshake failed (CURVE keys), for the error.
+        self._monitors[s] = s.get_monitor_socket(_HANDSHAKE_EVENTS)
+        self._handshakes[s] = _Handshakes()
         s.connect(endpoint)
         return s
 
+    def _close_socket(self, sock: zmq.Socket) -> None:
+        # disable_monitor first: the monitor's inproc name is derived from the socket's fd,
+        # which the next socket may reuse at once.
+        sock.disable_monitor()
+        self._monitors.pop(sock).close(linger=0)
+        self._handshakes.pop(sock)
+        sock.close(linger=0)
+
     def _reset(self, s: int) -> None:
         """Replace shard ``s``'s socket, discarding what is still queued for it."""
-        old = self._socks[s]
-        self._monitors.pop(old).close(linger=0)
-        old.close(linger=0)
+        self._close_socket(self._socks[s])
         self._socks[s] = self._connect(self.servers[s])
 
     def _adopt(self, n: int, fp: str) -> None:
@@ -352,20 +377,34 @@ class Client:
         trackers: list[zmq.MessageTracker] = []
         tries = [0] * self.num_shards
         deadline = [0.0] * self.num_shards
+        unsent: set[int] = set()  # no connection to queue on yet (e.g. a failed handshake)
+        poller = zmq.Poller()
 
         def send(s: int, retry: bool = True) -> None:
             if retry:  # a resend on reconnection is not a try: the deadline stands
                 tries[s] += 1
                 deadline[s] = time.monotonic() + self.timeout
+            # Never block: a DEALER whose handshake failed has no pipe, and a blocking send
+            # would wait for one forever. The message waits for POLLOUT under the deadline.
             *head, last = msgs[s]
-            for f in head:
-                self._socks[s].send(f, zmq.SNDMORE)
-            big = not isinstance(last, bytes) and last.nbytes >= _COPY_THRESHOLD
-            t = self._socks[s].send(last, copy=not big, track=big)
+            sock = self._socks[s]
+            try:
+                for i, f in enumerate(head):
+                    # Once the first frame is queued ZeroMQ takes the rest of the message.
+                    sock.send(f, zmq.SNDMORE | (zmq.NOBLOCK if i == 0 else 0))
+                big = not isinstance(last, bytes) and last.nbytes >= _COPY_THRESHOLD
+                t = sock.send(last, copy=not big, track=big, flags=zmq.NOBLOCK if not head else 0)
+            except zmq.Again:
+                if s not in unsent:
+                    unsent.add(s)
+                    poller.modify(sock, zmq.POLLIN | zmq.POLLOUT)
+                return
+            if s in unsent:
+                unsent.discard(s)
+                poller.modify(sock, zmq.POLLIN)
             if big:
                 trackers.append(t)
 
-        poller = zmq.Poller()
         for sock in self._socks:
             poller.register(sock, zmq.POLLIN)
             poller.register(self._monitors[sock], zmq.POLLIN)
@@ -379,20 +418,21 @@ class Client:
                 for s in range(self.num_shards):
                     if replies[s] is None and now >= deadline[s]:
                         if tries[s] > self.retries:
-                            raise ShardTimeout(
-                                f"shard {s} ({self.servers[s]}) did not answer {op} from worker {self.worker_id} "
-                                f"within {self.timeout:.1f} s ({tries[s]} tries)"
-                            )
+                            raise self._timeout(s, op, tries[s])
                         send(s)  # same rid and seq: the shard applies a push at most once
                 wait = min(deadline[s] for s in range(self.num_shards) if replies[s] is None) - time.monotonic()
-                for sock, _ in poller.poll(max(0, int(wait * 1000)) + 1):
+                for sock, events in poller.poll(max(0, int(wait * 1000)) + 1):
                     if sock in shard_of_monitor:
                         s = shard_of_monitor[sock]
-                        zmq_monitor.recv_monitor_message(sock)
-                        if replies[s] is None:
-                            send(s, retry=False)  # (re)connected while waiting: what was in flight may be lost
+                        reconnected = self._handshakes[self._socks[s]].read(sock)
+                        if reconnected and replies[s] is None and s not in unsent:
+                            send(s, retry=False)  # what was in flight on the old connection may be lost
                         continue
                     s = self._socks.index(sock)
+                    if events & zmq.POLLOUT and s in unsent:
+                        send(s, retry=False)
+                    if not events & zmq.POLLIN:
+                        continue
                     reply = self._receive(s, rid, out if replies[s] is None else None, ranges)
                     if reply is None or replies[s] is not None:
                         continue
@@ -413,6 +453,17 @@ class Client:
         if errors:
             raise errors[0]
         return replies  # type: ignore[return-value]
+
+    def _timeout(self, s: int, op: str, tries: int) -> ShardTimeout:
+        """The error for shard ``s`` not answering ``op``: why, when a handshake failure says so."""
+        text = (
+            f"shard {s} ({self.servers[s]}) did not answer {op} from worker {self.worker_id} "
+            f"within {self.timeout:.1f} s ({tries} tries)"
+        )
+        failure = self._handshakes[self._socks[s]].failure
+        if failure is None:
+            return ShardTimeout(text)
+        return HandshakeError(f"{text}: {handshake_hint(*failure, curve=self._curve is not None)}")
 
     def _receive(self, s: int, rid: int, out: Tensor | None, ranges: list[tuple[int, int]]) -> dict[str, Any] | None:
         """Read one message from shard ``s``; None when it answers an older request."""
@@ -514,19 +565,82 @@ def _ask(
     ctx = context or zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    monitor = sock.get_monitor_socket(_HANDSHAKE_FAILED)
+    deadline = time.monotonic() + timeout
+    failure: tuple[int, int] | None = None
     try:
         if keys is not None:
             keys.apply(sock)
         sock.connect(endpoint)
-        sock.send(protocol.pack({"v": protocol.PROTOCOL_VERSION, "rid": 1, **header}))
-        if not sock.poll(int(timeout * 1000)):
-            raise ShardTimeout(f"{endpoint} did not answer {header['op']} within {timeout:.1f} s")
-        h = protocol.unpack(sock.recv(), max_bytes=1 << 24)
+        request = protocol.pack({"v": protocol.PROTOCOL_VERSION, "rid": 1, **header})
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN | zmq.POLLOUT)
+        poller.register(monitor, zmq.POLLIN)
+        sent, h = False, None
+        while h is None:
+            wait = deadline - time.monotonic()
+            ready = dict(poller.poll(max(0, int(wait * 1000)))) if wait > 0 else {}
+            if not ready:
+                hint = f": {handshake_hint(*failure, curve=keys is not None)}" if failure else ""
+                error = HandshakeError if failure else ShardTimeout
+                raise error(f"{endpoint} did not answer {header['op']} within {timeout:.1f} s{hint}")
+            if monitor in ready:
+                event = zmq_monitor.recv_monitor_message(monitor)
+                failure = (event["event"], event["value"])
+            if not sent and ready.get(sock, 0) & zmq.POLLOUT:
+                sock.send(request, zmq.NOBLOCK)  # writable: never blocks, a failed handshake leaves no pipe
+                sent = True
+                poller.modify(sock, zmq.POLLIN)
+            if ready.get(sock, 0) & zmq.POLLIN:
+                h = protocol.unpack(sock.recv(), max_bytes=1 << 24)
     finally:
+        sock.disable_monitor()
+        monitor.close(linger=0)
         sock.close()
     if not h.get("ok"):
         raise ServerError(h.get("shard", -1), endpoint, h.get("code", "?"), h.get("msg", ""))
     return h
+
+
+class _Handshakes:
+    """What one socket's monitor said: handshakes that succeeded, and the last one that failed."""
+
+    def __init__(self) -> None:
+        self.succeeded = 0
+        self.failure: tuple[int, int] | None = None  # (event, value) of the last failed handshake
+
+    def read(self, monitor: zmq.Socket) -> bool:
+        """Read one monitor event; True when it is a reconnection (a handshake after the first)."""
+        event = zmq_monitor.recv_monitor_message(monitor)
+        if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self.succeeded += 1
+            self.failure = None
+            return self.succeeded > 1
+        self.failure = (event["event"], event["value"])
+        return False
+
+
+def handshake_hint(event: int, value: int, curve: bool) -> str:
+    """Say in words why a handshake with a shard failed, and which settings to check.
+
+    ``event``, ``value``: a ZeroMQ monitor event and its value; ``curve``: whether this
+    side used CURVE keys.
+    """
+    keys = f"{ENV_KEY} / {ENV_SERVER_KEY} (or curve_key= / server_key=, --curve-key / --curve-server-key)"
+    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        return (
+            f"the shard refused this worker's CURVE key (ZAP status {value}): its public .key file is not "
+            f"in the shard's --curve-clients directory (add it and restart the shard), or {ENV_KEY} "
+            "names another key"
+        )
+    if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL or not curve:
+        if curve:
+            return f"the security handshake failed: the shard does not run with CURVE, or {keys} are wrong"
+        return f"the security handshake failed: the shard runs with CURVE and this worker has no keys: set {keys}"
+    return (
+        f"the CURVE handshake failed: {ENV_SERVER_KEY} (server_key=) is probably not the shard's public key "
+        "(the .key file of the pair given to the shard with --curve-secret-key)"
+    )
 
 
 def _flat(t: Tensor, name: str) -> Tensor:

@@ -8,6 +8,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -15,8 +16,9 @@ import torch
 import zmq
 import zmq.auth
 
-from dcasgd import Client, ShardTimeout, protocol
+from dcasgd import Client, protocol
 from dcasgd.cli import main as cli_main
+from dcasgd.client import HandshakeError, fetch_stats
 from dcasgd.security import ENV_KEY, ENV_SERVER_KEY, SecurityError, generate_keypair
 from dcasgd.server import ShardServer
 from dcasgd.shard import ShardConfig
@@ -152,14 +154,19 @@ def test_stranger_gets_no_reply_and_changes_nothing(cluster_factory, keys):
         ep = cl.endpoints[0]
         # A key that is not in the clients directory, the right key without the shard's public
         # key, and no CURVE at all: the handshake fails, the shard never sees a message.
-        for curve_key, server_key in [
-            (keys.stranger_secret, keys.server_public),
-            (keys.allowed_secret, keys.stranger_public),
+        # Each fails within timeout x (retries + 1), sends included (a send used to block for good
+        # once the handshake had failed), and the error says what to check.
+        for curve_key, server_key, cause in [
+            (keys.stranger_secret, keys.server_public, "not in the shard's --curve-clients directory"),
+            (keys.allowed_secret, keys.stranger_public, "is probably not the shard's public key"),
+            (None, None, "runs with CURVE and this worker has no keys: set DCASGD_CURVE_KEY"),
         ]:
-            with pytest.raises(ShardTimeout):
-                Client([ep], 0, timeout=1.0, retries=0, curve_key=curve_key, server_key=server_key)
-        with pytest.raises(ShardTimeout):
-            Client([ep], 0, timeout=1.0, retries=0)
+            started = time.monotonic()
+            with pytest.raises(HandshakeError, match=cause):
+                Client([ep], 0, timeout=1.0, retries=1, curve_key=curve_key, server_key=server_key)
+            assert time.monotonic() - started < 2 * 1.0 + 1.5, "the error came after its deadline"
+        with pytest.raises(HandshakeError, match="has no keys"):
+            fetch_stats(ep, timeout=1.0)
 
         # A stranger speaking the wire format by hand: it would win the first init if it got through.
         ctx = zmq.Context()

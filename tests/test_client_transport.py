@@ -1,0 +1,41 @@
+"""The client's connection handling: one request per call, settings from the environment."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dcasgd import Client
+from dcasgd.env import JobConfigError
+
+N = 1_000
+
+
+@pytest.mark.timeout(60)
+def test_each_call_sends_one_request(cluster_factory):
+    # The connection monitor used to take the first connect for a reconnection and send the
+    # first request (hello) twice; only a real reconnection may resend.
+    with cluster_factory(2, 1, "async") as cl:
+        with Client(cl.endpoints, 0, timeout=10.0) as c:
+            c.init(torch.zeros(N))
+            c.pull()
+            for _ in range(3):
+                c.push_pull(torch.ones(N), lr=0.1)
+            # hello, init, pull, 3 x push_pull, and the stats request itself, on every shard
+            assert [s["server"]["messages"] for s in c.stats()] == [7, 7]
+            assert [s["version"] for s in c.stats()] == [3, 3]
+
+
+@pytest.mark.timeout(60)
+def test_servers_and_worker_id_from_the_environment(cluster_factory, monkeypatch):
+    for name in ("DCASGD_WORKER_ID", "RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(name, raising=False)
+    with cluster_factory(2, 2, "async") as cl:
+        monkeypatch.setenv("DCASGD_SERVERS", ",".join(cl.endpoints))
+        with Client(worker_id=1, timeout=10.0) as c:
+            assert c.servers == cl.endpoints and c.worker_id == 1
+        with pytest.raises(JobConfigError, match="DCASGD_WORKER_ID, RANK, SLURM_PROCID"):
+            Client()
+        monkeypatch.setenv("RANK", "1")
+        with Client(timeout=10.0) as c:
+            assert c.worker_id == 1
