@@ -37,6 +37,7 @@ import msgpack
 import torch
 from torch import Tensor
 
+from .protocol import WIRE_DTYPES
 from .shard import ShardConfig, ShardState
 
 log = logging.getLogger("dcasgd.checkpoint")
@@ -85,6 +86,7 @@ def _identity(config: ShardConfig) -> dict[str, Any]:
         "num_workers": config.num_workers,
         "mode": r.mode,
         "compensation": config.compensation,
+        "wire_dtype": config.wire_dtype,
         "rules": {k: getattr(r, k) for k in _RULES},
     }
 
@@ -105,12 +107,12 @@ def save(state: ShardState, directory: str | os.PathLike, keep: int = 3) -> Path
         {
             "identity": {**_identity(state.config), "fp": s["fp"], "n": s["n"], "lo": s["lo"], "hi": s["hi"]},
             "state": plain,
-            "arrays": [[name, t.numel()] for name, t in arrays],
+            "arrays": [[name, t.numel(), str(t.dtype).removeprefix("torch.")] for name, t in arrays],
             "byteorder": sys.byteorder,
             "created": time.time(),
         }
     )
-    views = [memoryview(t.detach().contiguous().numpy()).cast("B") for _, t in arrays]
+    views = [memoryview(t.detach().contiguous().view(torch.uint8).numpy()) for _, t in arrays]
     pad = bytes(_pad(len(header)))
     digest = hashlib.sha256(header)
     digest.update(pad)
@@ -214,14 +216,18 @@ def read(path: str | os.PathLike, config: ShardConfig, fingerprint: str | None =
         raise CheckpointError(f"{path} was written on a {h.get('byteorder')}-endian machine, this is {sys.byteorder}")
     size_each = ident["hi"] - ident["lo"]
     tensors: dict[str, Tensor] = {}
-    if "w" not in {name for name, _ in arrays}:
+    if "w" not in {entry[0] for entry in arrays}:
         raise CheckpointError(f"{path} is corrupt: no weights in it")
     offset = _HEAD + hlen + _pad(hlen)
-    for name, count in arrays:
-        if count != size_each or offset + 4 * count > size:
+    for name, count, *kind in arrays:
+        dtype = kind[0] if kind else "float32"  # snapshots are in the wire type
+        if dtype not in WIRE_DTYPES:
+            raise CheckpointError(f"{path} is corrupt: array {name} has unknown type {dtype!r}")
+        itemsize = WIRE_DTYPES[dtype]
+        if count != size_each or offset + itemsize * count > size:
             raise CheckpointError(f"{path} is corrupt: array {name} of {count} floats, the shard has {size_each}")
-        tensors[name] = torch.frombuffer(buf, dtype=torch.float32, offset=offset, count=count).clone()
-        offset += 4 * count
+        tensors[name] = torch.frombuffer(buf, dtype=getattr(torch, dtype), offset=offset, count=count).clone()
+        offset += itemsize * count
     if offset != size:
         raise CheckpointError(f"{path} is corrupt: {size - offset} bytes after the last array")
     state = {
@@ -236,7 +242,8 @@ def read(path: str | os.PathLike, config: ShardConfig, fingerprint: str | None =
 
 def _check_identity(path: Path, ident: dict[str, Any], config: ShardConfig, fingerprint: str | None) -> None:
     want = _identity(config)
-    for key in ("shard", "num_shards", "num_workers", "mode", "compensation"):
+    ident = {"wire_dtype": "float32", **ident}  # files from before the wire type was a choice
+    for key in ("shard", "num_shards", "num_workers", "mode", "compensation", "wire_dtype"):
         if ident.get(key) != want[key]:
             raise CheckpointError(
                 f"{path} is from another job: the checkpoint is for {key} {ident.get(key)}, "

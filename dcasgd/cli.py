@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import rules, security
+from .protocol import WIRE_DTYPES
 from .server import DEFAULT_BIND, run_server
 from .shard import ShardConfig
 
@@ -37,6 +38,13 @@ def _add_rule_options(p: argparse.ArgumentParser) -> list[argparse.Action]:
             choices=["refuse", "apply"],
             default="refuse",
             help="a gradient with NaN or Inf: refused with an error and counted (default), or applied unchecked",
+        ),
+        p.add_argument(
+            "--wire-dtype",
+            choices=list(WIRE_DTYPES),
+            default="float32",
+            help="what gradients and weights travel as (default float32); bfloat16 or float16 halve the bytes, "
+            "the shard keeps float32. Every worker must use the same (wire_dtype=)",
         ),
     ]
 
@@ -207,6 +215,7 @@ def cmd_server(a: argparse.Namespace) -> int:
             sync_timeout=a.sync_timeout,
             compensation=a.compensation,
             non_finite=a.non_finite,
+            wire_dtype=a.wire_dtype,
         )
     except ValueError as exc:
         print(f"dcasgd server: {exc}", file=sys.stderr)

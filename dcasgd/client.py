@@ -52,6 +52,10 @@ class HandshakeError(ShardTimeout):
     """
 
 
+class NonFiniteGradient(DcasgdError, ValueError):
+    """A gradient holds NaN or Inf (or overflows a float16 wire): refused before anything was sent."""
+
+
 class ServerError(DcasgdError):
     """A shard answered a request with an error reply (``code``, ``message``)."""
 
@@ -74,6 +78,9 @@ class Client:
     ``curve_key``: this worker's ``.key_secret`` file and ``server_key``: the shards'
     public ``.key`` file (or its Z85 text), for shards that run with CURVE; by default
     ``DCASGD_CURVE_KEY`` and ``DCASGD_CURVE_SERVER_KEY``; neither set: no encryption.
+    ``wire_dtype``: what gradients and weights travel as, the job's choice
+    (``dcasgd server --wire-dtype``): ``"float32"``, or ``"bfloat16"`` / ``"float16"`` for
+    half the bytes (weights arrive rounded to that type, then widened to float32).
 
     Usage::
 
@@ -98,7 +105,15 @@ class Client:
         context: zmq.Context | None = None,
         curve_key: str | os.PathLike[str] | None = None,
         server_key: str | os.PathLike[str] | None = None,
+        wire_dtype: str = "float32",
     ) -> None:
+        if wire_dtype not in protocol.WIRE_DTYPES:
+            raise ValueError(f"wire_dtype must be one of {', '.join(protocol.WIRE_DTYPES)}, got {wire_dtype!r}")
+        self.wire_dtype = wire_dtype
+        self._wire = getattr(torch, wire_dtype)
+        self._send_buf: Tensor | None = None  # the gradient in the wire type, when it is not float32
+        self._recv_buf: Tensor | None = None  # weights in the wire type, before widening
+        self.versions: list[int] = []  # per shard, the version of the weights received last
         self.servers = list(parse_servers(servers))
         keep_freed_memory()  # each reply would otherwise land in freshly faulted pages
         if worker_id is None:
@@ -161,6 +176,12 @@ class Client:
                 raise DcasgdError(
                     f"worker_id {self.worker_id} is out of range for a job of {info['num_workers']} workers"
                 )
+            job_wire = info.get("wire_dtype", "float32")
+            if job_wire != self.wire_dtype:
+                raise DcasgdError(
+                    f"this job's wire type is {job_wire} (dcasgd server --wire-dtype), this worker's is "
+                    f"{self.wire_dtype}: pass wire_dtype={job_wire!r}"
+                )
         self.shard_info = replies
         self._instances = [info.get("instance") for info in replies]
         if all(info["initialized"] for info in replies):
@@ -194,26 +215,44 @@ class Client:
                 )
             time.sleep(0.05)  # polling a remote condition; each hello has its own deadline
 
-    def pull(self, out: Tensor | None = None) -> Tensor:
-        """The current weights of every shard (1-D float32). Written into ``out`` if given."""
+    def pull(self, out: Tensor | None = None, *, keep: int = 1) -> Tensor:
+        """The current weights of every shard (1-D float32). Written into ``out`` if given.
+
+        ``keep``: 2 asks the shards to keep the weights they sent before as well, because
+        this worker still computes a gradient on them (overlapped steps); see ``base``.
+        """
         self._need_layout()
         out = self._out(out)
-        self._recovering("pull", {"fp": self.fingerprint}, out=out)
+        self._weights_call("pull", {"fp": self.fingerprint, "keep": keep}, None, out)
         return out
 
-    def push(self, g: Tensor, lr: float | None = None) -> list[dict[str, Any]]:
-        """Apply gradient ``g`` (1-D float32, whole model) with learning rate ``lr``.
+    def push(self, g: Tensor, lr: float | None = None, *, base: Sequence[int] | None = None) -> list[dict[str, Any]]:
+        """Apply gradient ``g`` (1-D float32, whole model) with learning rate ``lr`` (>= 0).
 
+        ``base``: per shard, the version of the weights ``g`` was computed on (one of the
+        last two that shard sent, see :attr:`versions`); None: the newest it sent.
         Returns each shard's reply (``version``, ``staleness``). In sync mode it
         returns when the round completes.
         """
-        return self._push("push", g, lr, None)
+        return self._push("push", g, lr, None, base, 1)
 
-    def push_pull(self, g: Tensor, lr: float | None = None, out: Tensor | None = None) -> Tensor:
-        """Apply ``g`` and return the fresh weights in one round trip (into ``out`` if given)."""
+    def push_pull(
+        self,
+        g: Tensor,
+        lr: float | None = None,
+        out: Tensor | None = None,
+        *,
+        base: Sequence[int] | None = None,
+        keep: int = 1,
+    ) -> Tensor:
+        """Apply ``g`` and return the fresh weights in one round trip (into ``out`` if given).
+
+        ``base`` as for :meth:`push`, ``keep`` as for :meth:`pull`. The versions of the
+        weights returned are in :attr:`versions` afterwards.
+        """
         self._need_layout()
         out = self._out(out)
-        self._push("push_pull", g, lr, out)
+        self._push("push_pull", g, lr, out, base, keep)
         return out
 
     def stats(self) -> list[dict[str, Any]]:
@@ -294,20 +333,58 @@ class Client:
             raise ValueError("out must be a CPU tensor")
         return out
 
-    def _push(self, op: str, g: Tensor, lr: float | None, out: Tensor | None) -> list[dict[str, Any]]:
+    def _push(
+        self, op: str, g: Tensor, lr: float | None, out: Tensor | None, base: Sequence[int] | None, keep: int
+    ) -> list[dict[str, Any]]:
         self._need_layout()
         g = _flat(g, "g")
         if g.numel() != self.n:
             raise ValueError(f"gradient has {g.numel()} elements, the model has {self.n}")
         if lr is not None and not lr > 0:
             raise ValueError(f"Invalid learning rate: {lr}")
+        if base is not None and len(base) != self.num_shards:
+            raise ValueError(f"base needs one version per shard ({self.num_shards}), got {len(base)}")
+        payload = g
+        if self._wire != torch.float32:
+            if self._send_buf is None:
+                self._send_buf = torch.empty(self.n, dtype=self._wire)
+            payload = self._send_buf.copy_(g)  # rounded; a float16 overflow becomes Inf, caught below
+        if self.shard_info[0].get("non_finite", "refuse") == "refuse":
+            _check_finite(payload, self.wire_dtype)  # all or nothing: no shard gets a part of it
         self._seq += 1
         header = {"fp": self.fingerprint, "seq": self._seq}
         if lr is not None:
             header["lr"] = float(lr)
-        return self._recovering(op, header, payload=g, out=out)
+        if op == "push_pull":
+            header["keep"] = keep
+        per_shard = None if base is None else [{"base": int(v)} for v in base]
+        if out is None:
+            return self._recovering(op, header, payload=payload, per_shard=per_shard)
+        return self._weights_call(op, header, payload, out, per_shard)
 
-    def _recovering(self, op: str, header: dict[str, Any], **kw: Any) -> list[dict[str, Any]]:
+    def _weights_call(
+        self,
+        op: str,
+        header: dict[str, Any],
+        payload: Tensor | None,
+        out: Tensor,
+        per_shard: list[dict[str, Any]] | None = None,
+    ) -> list[dict[str, Any]]:
+        """``op`` with weights in the reply: they land in ``out`` (through the wire type's buffer)."""
+        into = out
+        if self._wire != torch.float32:
+            if self._recv_buf is None:
+                self._recv_buf = torch.empty(self.n, dtype=self._wire)
+            into = self._recv_buf
+        replies = self._recovering(op, header, payload=payload, out=into, per_shard=per_shard)
+        if into is not out:
+            out.copy_(into)  # widen: exactly the rounded weights the shard keeps as this worker's backup
+        self.versions = [r["version"] for r in replies]
+        return replies
+
+    def _recovering(
+        self, op: str, header: dict[str, Any], per_shard: list[dict[str, Any]] | None = None, **kw: Any
+    ) -> list[dict[str, Any]]:
         """``op`` on every shard, riding through a shard that restarts.
 
         A shard that stops answering is asked again (hello, with backoff) for up to
@@ -318,7 +395,10 @@ class Client:
         """
         deadline = time.monotonic() + self.reconnect_timeout
         while True:
-            headers = [{**header, "instance": inst} if inst else header for inst in self._instances]
+            headers = [
+                {**header, **(per_shard[s] if per_shard else {}), **({"instance": inst} if inst else {})}
+                for s, inst in enumerate(self._instances)
+            ]
             try:
                 return self._call_all(op, headers, **kw)
             except (ShardTimeout, ServerError) as exc:
@@ -328,7 +408,7 @@ class Client:
                     raise
                 self._await_shards(deadline)
                 if op != "pull":
-                    scratch = torch.empty(self.n, dtype=torch.float32)  # rare: one model-size buffer per restart
+                    scratch = torch.empty(self.n, dtype=self._wire)  # rare: one model-size buffer per restart
                     self._call_all("pull", [{"fp": self.fingerprint, "instance": i} for i in self._instances],
                                    out=scratch)  # fmt: skip
 
@@ -369,9 +449,9 @@ class Client:
             frames: list[Any] = []
             if payload is not None:
                 lo, hi = ranges[s]
-                h["dtype"] = protocol.DTYPE
-                h["nbytes"] = (hi - lo) * protocol.ITEMSIZE
-                frames.append(payload[lo:hi].numpy())
+                h["dtype"] = str(payload.dtype).removeprefix("torch.")
+                h["nbytes"] = (hi - lo) * payload.element_size()
+                frames.append(payload[lo:hi].view(torch.uint8).numpy())  # raw bytes (numpy has no bfloat16)
             msgs.append([protocol.pack(h), *frames])
         replies: list[dict[str, Any] | None] = [None] * self.num_shards
         trackers: list[zmq.MessageTracker] = []
@@ -480,7 +560,7 @@ class Client:
                 sock.recv_into(self._trash)
         elif more:
             lo, hi = ranges[s]
-            view = out[lo:hi].numpy()
+            view = out[lo:hi].view(torch.uint8).numpy()
             got = sock.recv_into(view) if view.nbytes else sock.recv_into(self._trash)
             if got != view.nbytes:
                 raise DcasgdError(f"shard {s} sent {got} bytes of weights, expected {view.nbytes}")
@@ -640,6 +720,21 @@ def handshake_hint(event: int, value: int, curve: bool) -> str:
     return (
         f"the CURVE handshake failed: {ENV_SERVER_KEY} (server_key=) is probably not the shard's public key "
         "(the .key file of the pair given to the shard with --curve-secret-key)"
+    )
+
+
+def _check_finite(g: Tensor, wire_dtype: str) -> None:
+    """Raise :class:`NonFiniteGradient` if ``g`` holds NaN or Inf; one sum, the element check only then."""
+    if bool(torch.isfinite(g.sum(dtype=torch.float64))):  # float64 cannot overflow on these sums
+        return
+    bad = (~torch.isfinite(g)).nonzero()
+    if not len(bad):
+        return
+    first = int(bad[0])
+    why = " (float16 holds at most 65504 in magnitude: scale the loss down)" if wire_dtype == "float16" else ""
+    raise NonFiniteGradient(
+        f"the gradient has {len(bad)} NaN or Inf value(s) in the {wire_dtype} wire type, the first at flat index "
+        f"{first}{why}: nothing was sent"
     )
 
 

@@ -25,8 +25,12 @@ from typing import Any
 import msgpack
 
 PROTOCOL_VERSION = 1
-DTYPE = "float32"
+DTYPE = "float32"  # init payloads, and the shard's weights and state
 ITEMSIZE = 4
+# What gradients and weights may travel as (the job's wire type), with their sizes in bytes.
+# A half-size type halves the bytes; the shard still keeps float32 weights and state.
+WIRE_DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}
+MAX_KEEP = 2  # backups a worker may ask a shard to keep (two with overlapped steps)
 DEFAULT_MAX_HEADER_BYTES = 64 * 1024
 
 OPS = ("hello", "init", "pull", "push", "push_pull", "stats", "claim", "done")
@@ -47,6 +51,7 @@ BAD_FRAMES = "bad_frames"
 BAD_FINGERPRINT = "bad_fingerprint"
 BAD_RANGE = "bad_range"
 BAD_LR = "bad_lr"
+BAD_BASE = "bad_base"
 NOT_INITIALIZED = "not_initialized"
 NO_WEIGHTS = "no_weights"
 ALREADY_PUSHED = "already_pushed"
@@ -94,6 +99,9 @@ class Request:
     instance: str | None = None
     name: str | None = None  # claim: the worker's name (its host name in a container)
     status: int | None = None  # done: the worker command's exit status, 0..255
+    dtype: str | None = DTYPE  # the payload's element type (payload ops)
+    base: int | None = None  # push: the version of this shard's weights the gradient was computed on
+    keep: int = 1  # pull, push_pull: how many of the newest weights sent to this worker the shard keeps
 
 
 def pack(header: dict[str, Any]) -> bytes:
@@ -164,13 +172,19 @@ def validate_request(h: dict[str, Any], num_workers: int, payload_frames: int) -
         fp = h.get("fp")
         if not isinstance(fp, str) or not 0 < len(fp) <= 64:
             raise ProtocolError(BAD_HEADER, "field 'fp' (layout fingerprint) must be a short string")
-    nbytes = None
+    nbytes = dtype = None
     if op in PAYLOAD_OPS:
-        if h.get("dtype") != DTYPE:
-            raise ProtocolError(BAD_DTYPE, f"dtype {h.get('dtype')!r}, expected {DTYPE!r} (little endian)")
+        dtype = h.get("dtype")
+        allowed = (DTYPE,) if op == "init" else tuple(WIRE_DTYPES)
+        if dtype not in allowed:
+            raise ProtocolError(BAD_DTYPE, f"dtype {dtype!r}, expected one of {', '.join(allowed)} (little endian)")
         nbytes = _int(h, "nbytes")
-        if nbytes % ITEMSIZE:
-            raise ProtocolError(BAD_SIZE, f"nbytes = {nbytes} is not a multiple of {ITEMSIZE}")
+        if nbytes % WIRE_DTYPES[dtype]:
+            raise ProtocolError(BAD_SIZE, f"nbytes = {nbytes} is not a multiple of {WIRE_DTYPES[dtype]} ({dtype})")
+    base = _int(h, "base", required=False) if op in PUSH_OPS else None
+    keep = 1
+    if op in WEIGHT_REPLY_OPS and "keep" in h:
+        keep = _int(h, "keep", lo=1, hi=MAX_KEEP + 1)
     seq = _int(h, "seq", lo=1) if op in PUSH_OPS else None
     lr = None
     if op in PUSH_OPS and h.get("lr") is not None:
@@ -209,6 +223,9 @@ def validate_request(h: dict[str, Any], num_workers: int, payload_frames: int) -
         instance=instance,
         name=name,
         status=status,
+        dtype=dtype,
+        base=base,
+        keep=keep,
     )
 
 

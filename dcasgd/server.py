@@ -182,14 +182,14 @@ class ShardServer:
         if req.op == "hello":
             return [Reply(req.worker, {**self.shard.hello(req.worker), **self._restart_info()})]
         if req.op == "init":
-            return [self.shard.init(req, _as_tensor(payloads[0]))]
+            return [self.shard.init(req, _as_tensor(payloads[0], req.dtype))]
         if req.op == "pull":
-            return [self.shard.pull(req.worker, req.rid)]
+            return [self.shard.pull(req.worker, req.rid, req.keep)]
         if req.op == "claim":
             return [Reply(req.worker, self.shard.claim(req.name))]
         if req.op == "done":
             return self.shard.done(req.worker, req.status, time.monotonic())
-        return self.shard.push(req, _as_tensor(payloads[0]), time.monotonic())
+        return self.shard.push(req, _as_tensor(payloads[0], req.dtype), time.monotonic())
 
     def stats(self) -> dict[str, Any]:
         """The shard's counters plus the server's (messages, bytes, drops, errors)."""
@@ -273,7 +273,7 @@ class ShardServer:
         snap = reply.snapshot
         if not self._send(ident, header, more=True):
             return
-        buf = snap.tensor.numpy()
+        buf = snap.tensor.view(torch.uint8).numpy()  # raw bytes of any wire type (numpy has no bfloat16)
         tracker = self._sock.send(buf, copy=False, track=True)
         snap.hold(tracker)  # the shard will not reuse this buffer until ZeroMQ is done with it
         self.counters["bytes_out"] += buf.nbytes
@@ -295,11 +295,11 @@ class ShardServer:
         log.debug("dropped a message: %s", reason)
 
 
-def _as_tensor(frame: zmq.Frame) -> torch.Tensor:
-    """A float32 view of a payload frame, without copying it."""
+def _as_tensor(frame: zmq.Frame, dtype: str) -> torch.Tensor:
+    """A view of a payload frame as a 1-D tensor of ``dtype`` (a wire type name), without copying it."""
     if len(frame) == 0:
-        return torch.empty(0)
-    return torch.frombuffer(frame.buffer, dtype=torch.float32)
+        return torch.empty(0, dtype=getattr(torch, dtype))
+    return torch.frombuffer(frame.buffer, dtype=getattr(torch, dtype))
 
 
 def run_server(

@@ -27,6 +27,8 @@ from .layout import shard_ranges
 from .membership import Membership, NoFreeWorkerId
 from .protocol import (
     ALREADY_PUSHED,
+    BAD_BASE,
+    BAD_DTYPE,
     BAD_FINGERPRINT,
     BAD_OP,
     BAD_RANGE,
@@ -36,6 +38,7 @@ from .protocol import (
     NO_WORKER_ID,
     NON_FINITE,
     NOT_INITIALIZED,
+    WIRE_DTYPES,
     ProtocolError,
     Request,
 )
@@ -68,6 +71,10 @@ class ShardConfig:
     # What a gradient with NaN or Inf gets: "refuse" (an error reply, counted; costs one read
     # of the gradient) or "apply" (no check).
     non_finite: str = "refuse"
+    # What gradients and weights travel as (a job-wide choice): "float32", or "bfloat16" /
+    # "float16" for half the bytes. Weights and state stay float32 on the shard; the backup
+    # kept for a worker is the rounded weights it received, bit for bit.
+    wire_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if not 0 <= self.shard < self.num_shards:
@@ -78,6 +85,8 @@ class ShardConfig:
             raise ValueError(f"sync_timeout must be > 0, got {self.sync_timeout}")
         if self.non_finite not in ("refuse", "apply"):
             raise ValueError(f"non_finite must be 'refuse' or 'apply', got {self.non_finite!r}")
+        if self.wire_dtype not in WIRE_DTYPES:
+            raise ValueError(f"wire_dtype must be one of {', '.join(WIRE_DTYPES)}, got {self.wire_dtype!r}")
         if self.compensation not in ("per-worker", "per-parameter"):
             raise ValueError(f"compensation must be 'per-worker' or 'per-parameter', got {self.compensation!r}")
 
@@ -136,8 +145,16 @@ class ShardState:
         self.lo = self.hi = 0
         self.version = 0
         self.w = torch.empty(0)
+        # The newest weights sent to each worker (its backup in DC modes), and for a worker that
+        # asked to keep two (overlapped steps: it computes on the weights before its newest),
+        # the ones sent before them. A push names which one it was computed on (``base``).
         self.backup: list[Snapshot | None] = [None] * m
+        self.previous: list[Snapshot | None] = [None] * m
         self.received_version: list[int | None] = [None] * m
+        self.previous_version: list[int | None] = [None] * m
+        self.wire_dtype = getattr(torch, config.wire_dtype)
+        self._itemsize = WIRE_DTYPES[config.wire_dtype]
+        self._grad32: Tensor | None = None  # a half-size wire's gradient, widened
         self.last_seq = [0] * m
         self.updates = [0] * m
         self.staleness: Counter[int] = Counter()
@@ -201,12 +218,27 @@ class ShardState:
             raise ProtocolError(NOT_INITIALIZED, f"shard {self.config.shard} has no weights yet (no init)")
         if req.fp != self.fp:
             raise ProtocolError(BAD_FINGERPRINT, f"layout fingerprint {req.fp} does not match the job's {self.fp}")
-        if req.nbytes is not None and req.nbytes != self.size * ITEMSIZE:
-            raise ProtocolError(
-                BAD_SIZE, f"payload of {req.nbytes} bytes, shard {self.config.shard} expects {self.size * ITEMSIZE}"
-            )
-        if req.op in ("push", "push_pull") and self.received_version[req.worker] is None:
-            raise ProtocolError(NO_WEIGHTS, f"worker {req.worker} pushed before it ever received weights")
+        if req.op in ("push", "push_pull"):
+            if req.dtype != self.config.wire_dtype:
+                raise ProtocolError(
+                    BAD_DTYPE,
+                    f"this job's wire type is {self.config.wire_dtype}, worker {req.worker} sends {req.dtype}: "
+                    f"give the worker wire_dtype={self.config.wire_dtype!r}",
+                )
+            if req.nbytes != self.size * self._itemsize:
+                raise ProtocolError(
+                    BAD_SIZE,
+                    f"payload of {req.nbytes} bytes, shard {self.config.shard} expects {self.size * self._itemsize}",
+                )
+            if self.received_version[req.worker] is None:
+                raise ProtocolError(NO_WEIGHTS, f"worker {req.worker} pushed before it ever received weights")
+            kept = (self.received_version[req.worker], self.previous_version[req.worker])
+            if req.base is not None and req.base not in kept:
+                raise ProtocolError(
+                    BAD_BASE,
+                    f"worker {req.worker} computed on version {req.base}, but shard {self.config.shard} keeps "
+                    f"only versions {[v for v in kept if v is not None]} of what it sent that worker",
+                )
 
     # --- ops ---------------------------------------------------------------------
 
@@ -218,6 +250,8 @@ class ShardState:
             "num_shards": self.config.num_shards,
             "num_workers": self.config.num_workers,
             "mode": self.mode,
+            "wire_dtype": self.config.wire_dtype,
+            "non_finite": self.config.non_finite,
             "initialized": self.initialized,
             "fp": self.fp,
             "layout": self.layout,
@@ -297,17 +331,18 @@ class ShardState:
             )
         return Reply(req.worker, {"version": self.version, "initialized": True})
 
-    def pull(self, worker: int, rid: int) -> Reply:
+    def pull(self, worker: int, rid: int, keep: int = 1) -> Reply:
         """The current weights for ``worker``; they become its backup.
 
-        A repeat of request ``rid`` gets the same answer as the first time.
+        ``keep``: 2 keeps the weights sent before as well (a worker with overlapped steps
+        still computes on them). A repeat of request ``rid`` gets the same answer as the first time.
         """
         self.live.add(worker)
         self.members.resume(worker)  # a restarted worker pulls first: it is at work again
         repeat = self._repeat(worker, (rid, "pull"))
         if repeat is not None:
             return repeat
-        return self._remember(worker, (rid, "pull"), self._weights_reply(worker, {}))
+        return self._remember(worker, (rid, "pull"), self._weights_reply(worker, {}, keep))
 
     def push(self, req: Request, grad: Tensor, now: float) -> list[Reply]:
         """Apply (or, in sync mode, collect) ``grad`` from ``req.worker``.
@@ -330,13 +365,20 @@ class ShardState:
                 return [repeat]
             fields = {"duplicate": True, "applied_seq": self.last_seq[worker]}
             return [self._remember(worker, (req.rid, req.op), self._push_reply(worker, want, fields))]
+        if grad.dtype != torch.float32:  # a half-size wire: the rules run in float32
+            if self._grad32 is None:
+                self._grad32 = torch.empty(self.size)
+            grad = self._grad32.copy_(grad)
         if self.config.non_finite == "refuse" and not bool(torch.isfinite(grad).all()):
             self.non_finite += 1
             raise ProtocolError(NON_FINITE, f"gradient from worker {worker} has NaN or Inf values: refused")
         if self.mode == "sync":
             return self._sync_push(req, lr, want, grad, now)
-        staleness = self._record(worker, req.seq)
-        w_bak = self.backup[worker].tensor if self.mode in DC_MODES else None
+        base = req.base if req.base is not None else self.received_version[worker]
+        staleness = self._record(worker, req.seq, base)
+        w_bak = None
+        if self.mode in DC_MODES:  # exactly the weights behind this gradient (check() saw base is kept)
+            w_bak = (self.backup if base == self.received_version[worker] else self.previous)[worker].tensor
         if self.config.compensation == "per-parameter" and self.mode in DC_MODES:
             w_bak = self._w_prev  # the weights before the last update, whoever made it
             self._w_pre.copy_(self.w)
@@ -371,7 +413,8 @@ class ShardState:
         if self.config.compensation == "per-parameter" and self.mode in DC_MODES:
             self._w_prev, self._w_pre = self._w_pre, self._w_prev
         self.version += 1
-        return [self._remember(worker, (req.rid, req.op), self._push_reply(worker, want, {"staleness": staleness}))]
+        reply = self._push_reply(worker, want, {"staleness": staleness}, req.keep)
+        return [self._remember(worker, (req.rid, req.op), reply)]
 
     def expire(self, now: float) -> list[Reply]:
         """Close a sync round whose deadline passed, leaving out the workers that did not push."""
@@ -402,6 +445,7 @@ class ShardState:
             "num_shards": self.config.num_shards,
             "num_workers": self.config.num_workers,
             "mode": self.mode,
+            "wire_dtype": self.config.wire_dtype,
             "initialized": self.initialized,
             "n": self.n,
             "lo": self.lo,
@@ -421,11 +465,11 @@ class ShardState:
 
     # --- internals ---------------------------------------------------------------
 
-    def _record(self, worker: int, seq: int) -> int:
+    def _record(self, worker: int, seq: int, base: int | None = None) -> int:
         self.members.resume(worker)
         self.last_seq[worker] = seq
         self.updates[worker] += 1
-        staleness = self.version - self.received_version[worker]
+        staleness = self.version - (self.received_version[worker] if base is None else base)
         self.staleness[staleness] += 1
         return staleness
 
@@ -482,29 +526,43 @@ class ShardState:
             old[1].snapshot.refs -= 1
         return reply
 
-    def _push_reply(self, worker: int, want_weights: bool, fields: dict[str, Any]) -> Reply:
+    def _push_reply(self, worker: int, want_weights: bool, fields: dict[str, Any], keep: int = 1) -> Reply:
         if want_weights:
-            return self._weights_reply(worker, fields)
+            return self._weights_reply(worker, fields, keep)
         return Reply(worker, {"version": self.version, **fields})
 
-    def _weights_reply(self, worker: int, fields: dict[str, Any]) -> Reply:
+    def _weights_reply(self, worker: int, fields: dict[str, Any], keep: int = 1) -> Reply:
         snap = self._snapshot()
+        newest = self.backup[worker]
+        if self.received_version[worker] != snap.version or keep == 1:
+            # keep == 2: the weights sent last become the previous ones; keep == 1 lets them go.
+            moved = keep == 2 and self.received_version[worker] is not None
+            self._set_previous(worker, newest if moved else None)
+            self.previous_version[worker] = self.received_version[worker] if moved else None
         self.received_version[worker] = snap.version
-        if self.mode in DC_MODES:
-            old = self.backup[worker]
-            if old is not snap:
-                snap.refs += 1
-                self.backup[worker] = snap
-                if old is not None:
-                    old.refs -= 1
-        return Reply(worker, {"version": snap.version, **fields}, snap)
+        if self.mode in DC_MODES and newest is not snap:
+            snap.refs += 1
+            self.backup[worker] = snap
+            if newest is not None:
+                newest.refs -= 1
+        return Reply(worker, {"version": snap.version, "dtype": self.config.wire_dtype, **fields}, snap)
+
+    def _set_previous(self, worker: int, snap: Snapshot | None) -> None:
+        if self.mode not in DC_MODES:
+            return
+        old = self.previous[worker]
+        if snap is not None:
+            snap.refs += 1
+        self.previous[worker] = snap
+        if old is not None:
+            old.refs -= 1
 
     def _snapshot(self) -> Snapshot:
         cur = self._current
         if cur is not None and cur.version == self.version:
             return cur
         snap = Snapshot(self._acquire(), self.version)
-        snap.tensor.copy_(self.w)
+        snap.tensor.copy_(self.w)  # rounded to the wire type: the backup is what the worker gets
         if cur is not None:
             self._retired.append(cur)
         self._current = snap
@@ -520,7 +578,7 @@ class ShardState:
                 self._free.append(s.tensor)
         self._retired = still
         del self._free[2:]  # keep a couple for reuse, let the rest go
-        return self._free.pop() if self._free else torch.empty(self.size)
+        return self._free.pop() if self._free else torch.empty(self.size, dtype=self.wire_dtype)
 
     # --- checkpoints (dcasgd/checkpoint.py writes and reads the files) -------------------
 
@@ -539,12 +597,15 @@ class ShardState:
             staleness[p.staleness] -= 1
         snapshots: list[Snapshot] = []
         index: dict[int, int] = {}  # id(snapshot) -> its place in snapshots
-        backup_index: list[int | None] = []
-        for snap in self.backup:
+
+        def place(snap: Snapshot | None) -> int | None:
             if snap is not None and id(snap) not in index:
                 index[id(snap)] = len(snapshots)
                 snapshots.append(snap)
-            backup_index.append(None if snap is None else index[id(snap)])
+            return None if snap is None else index[id(snap)]
+
+        backup_index = [place(snap) for snap in self.backup]
+        previous_index = [place(snap) for snap in self.previous]
         return {
             "initialized": self.initialized,
             "fp": self.fp,
@@ -556,6 +617,7 @@ class ShardState:
             "last_seq": last_seq,
             "updates": updates,
             "received_version": list(self.received_version),
+            "previous_version": list(self.previous_version),
             "staleness": sorted((k, v) for k, v in staleness.items() if v > 0),
             "duplicates": self.duplicates,
             "non_finite": self.non_finite,
@@ -569,6 +631,7 @@ class ShardState:
             "w_prev": self._w_prev,
             "snapshots": [(s.version, s.tensor) for s in snapshots],
             "backup_index": backup_index,
+            "previous_index": previous_index,
         }
 
     @classmethod
@@ -588,6 +651,7 @@ class ShardState:
         self.last_seq = list(state["last_seq"])
         self.updates = list(state["updates"])
         self.received_version = list(state["received_version"])
+        self.previous_version = list(state.get("previous_version") or [None] * config.num_workers)
         self.staleness = Counter(dict(state["staleness"]))
         self.duplicates, self.non_finite = state["duplicates"], state.get("non_finite", 0)
         self.rounds, self.left_out, self.live = state["rounds"], state["left_out"], set(state["live"])
@@ -605,9 +669,11 @@ class ShardState:
             self._w_pre = torch.empty(size)
         snapshots = [Snapshot(t, v) for v, t in state["snapshots"]]
         if self.mode in DC_MODES:
-            for worker, i in enumerate(state["backup_index"]):
-                if i is not None:
-                    snapshots[i].refs += 1
-                    self.backup[worker] = snapshots[i]
+            previous_index = state.get("previous_index") or [None] * config.num_workers
+            for held, indices in ((self.backup, state["backup_index"]), (self.previous, previous_index)):
+                for worker, i in enumerate(indices):
+                    if i is not None:
+                        snapshots[i].refs += 1
+                        held[worker] = snapshots[i]
         self._retired = snapshots  # their buffers are reused once no backup holds them
         return self
