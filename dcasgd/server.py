@@ -155,6 +155,9 @@ class ShardServer:
                     protocol.RESTARTED, f"shard {self.config.shard} restarted (now {self.instance}); say hello and pull"
                 )
             self.shard.check(req)
+            if req.worker is not None and req.op != "claim":
+                # An id in use, claimed or not, is never handed out by a claim (two workers would share it).
+                self.shard.members.seen(req.worker)
             self.counters["op:" + req.op] += 1
             route = (ident, req.rid, req.op)
             replies = self._dispatch(req, payloads)
