@@ -339,3 +339,7 @@ def test_a_claim_never_hands_out_an_id_that_a_worker_uses_unclaimed(cluster_fact
             claim_worker_id(cl.endpoints[0], "one-too-many", timeout=10)
         assert err.value.code == P.NO_WORKER_ID
         assert "claimed-one, wrapped; id 0 given by DCASGD_WORKER_ID" in err.value.message, err.value.message
+        assert str(err.value).startswith(f"shard 0 ({cl.endpoints[0]}) refused"), "error replies name their shard"
+        with pytest.raises(ServerError) as err:
+            claim_worker_id(cl.endpoints[1], "wrong-shard", timeout=10)
+        assert err.value.code == P.BAD_OP and err.value.shard == 1, err.value
