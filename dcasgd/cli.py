@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -357,7 +358,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "demo": cmd_demo,
         "keygen": cmd_keygen,
     }
-    return commands[a.command](a)
+    try:
+        code = commands[a.command](a)
+        sys.stdout.flush()  # here, not at exit, so that a reader gone early is handled below
+    except BrokenPipeError:
+        # The reader of our output left (`dcasgd status ... | head -3`): stop quietly, as a shell tool does
+        # on SIGPIPE. Python's exit would flush stdout again and print a traceback: point it at /dev/null.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + signal.SIGPIPE
+    return code
 
 
 if __name__ == "__main__":

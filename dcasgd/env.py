@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 SERVERS = "DCASGD_SERVERS"
+_EXAMPLE = "tcp://10.0.0.1:5555,tcp://10.0.0.2:5555"
 WORKER_ID = ("DCASGD_WORKER_ID", "RANK", "SLURM_PROCID")
 NUM_WORKERS = ("DCASGD_NUM_WORKERS", "WORLD_SIZE", "SLURM_NTASKS")
 
@@ -39,12 +40,19 @@ def _int_from(names: Sequence[str], what: str) -> int:
     raise JobConfigError(f"{what} is not set: pass it as an argument or set {', '.join(names[:-1])} or {names[-1]}")
 
 
-def parse_servers(servers: str | Sequence[str] | None) -> tuple[str, ...]:
-    """Shard endpoints in shard order, from ``servers`` or ``DCASGD_SERVERS`` (comma-separated)."""
+def parse_servers(
+    servers: str | Sequence[str] | None, *, or_else: str | None = "pass servers=[...]"
+) -> tuple[str, ...]:
+    """Shard endpoints in shard order, from ``servers`` or ``DCASGD_SERVERS`` (comma-separated).
+
+    ``or_else``: the other way to give them, for the message when neither is there (None: there is none,
+    as for ``dcasgd worker``, which reads the environment only).
+    """
     if servers is None:
         servers = os.environ.get(SERVERS, "")
         if not servers.strip():
-            raise JobConfigError(f"no servers: pass servers=[...] or set {SERVERS} (comma-separated endpoints)")
+            how = f"set {SERVERS} to the shards' endpoints in shard order, comma-separated (e.g. {_EXAMPLE})"
+            raise JobConfigError(f"no servers: {how}" + (f", or {or_else}" if or_else else ""))
     if isinstance(servers, str):
         servers = [s.strip() for s in servers.split(",") if s.strip()]
     servers = tuple(servers)

@@ -4,7 +4,10 @@ Containers started by ``docker compose up --scale worker=N`` are alike: none kno
 index. Each asks shard 0 for an id under a name of its own (its container's host
 name); :class:`Membership` hands out the lowest free id in ``[0, num_workers)`` and
 gives the same name the same id again, so a restarted container keeps its id (and its
-sequence numbers). When a worker's command ends, its wrapper reports the exit status
+sequence numbers). An id that a worker uses without claiming it (one that ``DCASGD_WORKER_ID``,
+``RANK`` or ``SLURM_PROCID`` gave) is recorded as held too, when the shard first sees a request
+from it, so a claim never hands it out again: two workers with one id would lose each other's
+pushes as duplicates. When a worker's command ends, its wrapper reports the exit status
 (``done``); once every worker has, the job is over and a shard started with
 ``--exit-when-done`` exits.
 """
@@ -26,25 +29,41 @@ class Membership:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         self.num_workers = num_workers
         self.names: dict[str, int] = {}  # name -> id, in claim order
+        self.unnamed: set[int] = set()  # ids in use by workers that were given them, not claimed
+        self._seen: set[int] = set()  # ids that seen() already looked at: every request calls it
         self.finished: dict[int, int] = {}  # id -> exit status (0..255)
 
     def claim(self, name: str) -> int:
         """The id of worker ``name``: the one it had, else the lowest free one.
 
-        Raises :class:`NoFreeWorkerId` when all ``num_workers`` ids are held by other names.
+        Raises :class:`NoFreeWorkerId` when all ``num_workers`` ids are held by other names or
+        by workers that the environment gave their id (:meth:`seen`).
         """
         if name in self.names:
             return self.names[name]
-        held = set(self.names.values())
+        held = set(self.names.values()) | self.unnamed
         for worker in range(self.num_workers):
             if worker not in held:
                 self.names[name] = worker
                 return worker
+        holders = ", ".join(sorted(self.names))
+        if self.unnamed:
+            ids = ", ".join(str(w) for w in sorted(self.unnamed))
+            given = f"id{'s' if len(self.unnamed) > 1 else ''} {ids} given by DCASGD_WORKER_ID, RANK or SLURM_PROCID"
+            holders = f"{holders}; {given}" if holders else given
         raise NoFreeWorkerId(
-            f"all {self.num_workers} worker ids are taken (by {', '.join(sorted(self.names))}); "
+            f"all {self.num_workers} worker ids are taken (by {holders}); "
             f"the job was started for {self.num_workers} workers: start no more workers than that, "
             "or start the shards with a larger --num-workers"
         )
+
+    def seen(self, worker: int) -> None:
+        """A request came from worker id ``worker``: unless a name holds it, it is held by a worker without one."""
+        if worker in self._seen:
+            return
+        self._seen.add(worker)
+        if worker not in self.names.values():
+            self.unnamed.add(worker)
 
     def finish(self, worker: int, status: int) -> None:
         """Worker ``worker`` ended with exit ``status`` (0: success)."""
@@ -66,7 +85,11 @@ class Membership:
 
     def export_state(self) -> dict[str, Any]:
         """Plain values for a checkpoint."""
-        return {"names": [[n, w] for n, w in self.names.items()], "finished": sorted(self.finished.items())}
+        return {
+            "names": [[n, w] for n, w in self.names.items()],
+            "unnamed": sorted(self.unnamed),
+            "finished": sorted(self.finished.items()),
+        }
 
     @classmethod
     def from_state(cls, num_workers: int, state: dict[str, Any] | None) -> Membership:
@@ -74,5 +97,7 @@ class Membership:
         m = cls(num_workers)
         if state:
             m.names = {str(n): int(w) for n, w in state["names"] if 0 <= int(w) < num_workers}
+            # Checkpoints written before unnamed ids were recorded have none.
+            m.unnamed = {int(w) for w in state.get("unnamed", ()) if 0 <= int(w) < num_workers}
             m.finished = {int(w): int(s) for w, s in state["finished"] if 0 <= int(w) < num_workers}
         return m

@@ -54,8 +54,11 @@ class ShardCollector:
         yield info
         yield _gauge("dcasgd_version", "Updates applied to this shard's weights (its version)", shard, s["version"])
         yield _gauge("dcasgd_initialized", "1 once the shard holds weights", shard, int(s["initialized"]))
-        yield _gauge("dcasgd_parameters", "Parameters this shard holds", shard, s["n"])
-        yield _gauge("dcasgd_live_workers", "Workers taking part in sync rounds", shard, len(s["live"]))
+        # Its slice, as the help says (it was the whole model's n): summed over shards, the model's size.
+        yield _gauge("dcasgd_parameters", "Parameters this shard holds", shard, s["hi"] - s["lo"])
+        sync = s["mode"] == "sync"  # the sync series mean nothing elsewhere: other modes leave them out
+        if sync:
+            yield _gauge("dcasgd_live_workers", "Workers taking part in sync rounds", shard, len(s["live"]))
 
         updates = CounterMetricFamily(
             "dcasgd_updates",
@@ -96,6 +99,13 @@ class ShardCollector:
             srv.get("unroutable_replies", 0),
         )
         yield _counter(
+            "dcasgd_peer_disconnects",
+            "Peer connections that ended: a worker that closed, or one ZeroMQ cut off for a frame over "
+            "--max-message-bytes",
+            shard,
+            srv.get("disconnects", 0),
+        )
+        yield _counter(
             "dcasgd_duplicate_pushes", "Retried pushes recognised and not applied again", shard, s["duplicates"]
         )
         yield _counter("dcasgd_non_finite_pushes", "Gradients with NaN or Inf", shard, s["non_finite"])
@@ -108,7 +118,11 @@ class ShardCollector:
         for worker, status in s["finished"]:
             finished.add_metric([shard, str(worker), str(status)], 1)
         yield finished
+        if sync:
+            yield from self._sync(shard, s, round_seconds)
 
+    def _sync(self, shard: str, s: dict[str, Any], round_seconds: list[float]) -> Iterator[Metric]:
+        """The series of a sync shard: rounds, workers left out, round times."""
         yield _counter("dcasgd_sync_rounds", "Sync rounds completed", shard, s["rounds"])
         yield _counter("dcasgd_sync_left_out", "Workers left out of a sync round at its timeout", shard, s["left_out"])
         with self._round_lock:

@@ -246,9 +246,9 @@ def _layout(value: Any) -> list[list[Any]] | None:
     return value
 
 
-def error_header(rid: int | None, code: str, message: str) -> dict[str, Any]:
-    """The header of an error reply."""
-    return {"v": PROTOCOL_VERSION, "rid": rid, "ok": False, "code": code, "msg": message}
+def error_header(rid: int | None, code: str, message: str, *, shard: int) -> dict[str, Any]:
+    """The header of an error reply from shard ``shard`` (named, so a peer without a shard list can say which)."""
+    return {"v": PROTOCOL_VERSION, "rid": rid, "ok": False, "shard": shard, "code": code, "msg": message}
 
 
 def ok_header(rid: int, op: str, fields: dict[str, Any]) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 import zmq
+from zmq.utils import monitor as zmq_monitor
 
 from . import checkpoint, protocol, security
 from .memory import keep_freed_memory
@@ -61,6 +62,7 @@ class ShardServer:
         self.shard = ShardState(config)
         self._setup_checkpoints(checkpoint_dir, checkpoint_every, resume)  # with resume, replaces self.shard
         self.max_header_bytes = max_header_bytes
+        self.max_message_bytes = max_message_bytes
         self._ctx = context or zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unroutable replies raise instead of vanishing
@@ -74,8 +76,17 @@ class ShardServer:
             self._auth = security.secure_server_socket(self._sock, self._ctx, curve_secret_key, curve_clients)
         if bind.endswith(":0"):
             bind = bind[:-2] + ":*"
-        self._sock.bind(bind)
+        try:
+            self._sock.bind(bind)
+        except zmq.ZMQError:
+            self.close()  # nothing of a shard that could not start stays open
+            raise
         self.endpoint: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        # ZeroMQ ends the connection of a peer whose frame is over MAXMSGSIZE and tells nobody: the
+        # message never arrives, and the monitor's DISCONNECTED event is the only trace. It is the same
+        # event as a peer that closed its socket (libzmq 4.3 gives no reason), so disconnects are counted
+        # and, with a limit set, logged with the hint.
+        self._monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         security.warn_if_exposed(self.endpoint, secured)
         self._stop = threading.Event()
         self.counters: Counter[str] = Counter()
@@ -91,6 +102,10 @@ class ShardServer:
         self._stop.set()
 
     def close(self) -> None:
+        if getattr(self, "_monitor", None) is not None:  # a failed bind closes before the monitor exists
+            self._sock.disable_monitor()
+            self._monitor.close()
+            self._monitor = None
         self._sock.close()
         if self._auth is not None:
             self._auth.stop()
@@ -99,6 +114,7 @@ class ShardServer:
         """Serve requests until :meth:`stop` is called."""
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
+        poller.register(self._monitor, zmq.POLLIN)
         log.info(
             "shard %d/%d (%s, %d workers) listening on %s",
             self.config.shard,
@@ -112,7 +128,10 @@ class ShardServer:
             deadline = self.shard.next_deadline()
             if deadline is not None:
                 timeout = max(0, min(timeout, int((deadline - time.monotonic()) * 1000) + 1))
-            if poller.poll(timeout):
+            ready = dict(poller.poll(timeout))
+            if self._monitor in ready:
+                self._disconnects()
+            if self._sock in ready:
                 # Drain what is queued, but come back to check deadlines now and then.
                 with self.lock:
                     for _ in range(64):
@@ -155,6 +174,9 @@ class ShardServer:
                     protocol.RESTARTED, f"shard {self.config.shard} restarted (now {self.instance}); say hello and pull"
                 )
             self.shard.check(req)
+            if req.worker is not None and req.op != "claim":
+                # An id in use, claimed or not, is never handed out by a claim (two workers would share it).
+                self.shard.members.seen(req.worker)
             self.counters["op:" + req.op] += 1
             route = (ident, req.rid, req.op)
             replies = self._dispatch(req, payloads)
@@ -174,7 +196,7 @@ class ShardServer:
             self.counters["errors"] += 1
             self.counters["error:" + exc.code] += 1
             log.debug("error reply %s to %r", exc, ident)
-            self._send(ident, protocol.error_header(rid, exc.code, exc.message))
+            self._send(ident, protocol.error_header(rid, exc.code, exc.message, shard=self.config.shard))
 
     def _dispatch(self, req: protocol.Request, payloads: list[zmq.Frame]) -> list[Reply]:
         if req.op == "stats":
@@ -290,6 +312,39 @@ class ShardServer:
         self.counters["bytes_out"] += len(data)
         return True
 
+    def _disconnects(self) -> None:
+        """Count the peers whose connection ended (the monitor's queued events) and say what it may mean."""
+        n = 0
+        while True:
+            try:
+                event = zmq_monitor.recv_monitor_message(self._monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            n += event["event"] == zmq.EVENT_DISCONNECTED
+        if not n:
+            return
+        with self.lock:
+            self.counters["disconnects"] += n
+            total = self.counters["disconnects"]
+        if self.max_message_bytes <= 0:
+            log.debug("shard %d: %d peer connection(s) ended (%d in all)", self.config.shard, n, total)
+            return
+        size = (
+            f"this shard's slice is {self.shard.size * protocol.ITEMSIZE} bytes"
+            if self.shard.initialized
+            else ("an init sends this shard's slice, 4 bytes per parameter")
+        )
+        log.info(
+            "shard %d: %d peer connection(s) ended (%d in all): a worker that closed, or one that sent a frame "
+            "over --max-message-bytes %d, which ZeroMQ refuses without a word (the worker then times out). "
+            "If workers time out, start the shards with --max-message-bytes above 4 x the largest slice (%s)",
+            self.config.shard,
+            n,
+            total,
+            self.max_message_bytes,
+            size,
+        )
+
     def _drop(self, reason: str) -> None:
         self.counters["dropped"] += 1
         log.debug("dropped a message: %s", reason)
@@ -323,6 +378,9 @@ def run_server(
         server = ShardServer(bind, config, **kwargs)
     except checkpoint.CheckpointError as exc:
         print(f"dcasgd server: {exc}", file=sys.stderr)
+        return 2
+    except zmq.ZMQError as exc:  # the bind, nearly always: a port in use, an address not on this host
+        print(f"dcasgd server: cannot bind {bind}: {zmq.strerror(exc.errno)}", file=sys.stderr)
         return 2
 
     def _on_signal(signum: int, _frame: Any) -> None:

@@ -95,7 +95,7 @@ def run_worker(
     """
     name = name or default_name()
     try:
-        servers = job_env.parse_servers(None)
+        servers = job_env.parse_servers(None, or_else=None)  # the command has no option for them
         worker, extra = assign_id(servers, name, claim_timeout)
     except (job_env.JobConfigError, SecurityError) as exc:
         print(f"dcasgd worker: error: {exc}", file=sys.stderr, flush=True)

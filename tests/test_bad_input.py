@@ -385,21 +385,22 @@ def test_many_bad_messages_in_a_burst_leave_the_server_serving(job, raw_peer):
 
 @pytest.mark.timeout(30)
 def test_claim_when_every_id_is_taken_gets_no_worker_id_and_changes_nothing(job, raw_peer):
-    """Claims on the module's job use names of their own: membership is not in stats, no other test claims."""
+    """Claims on the module's job use names of their own. Workers 0 (the Client) and 1 (the raw peer) use
+    their ids without a name, so no claim gets those; worker 2 never got through the checks, so id 2 is free."""
     peer = raw_peer(job.endpoint)
     names = ["bad-input-a", "b" * P.MAX_NAME_CHARS, "bad-input-\u00fc"]  # the longest name, a non-ASCII one
-    ids = {}
-    for name in names:
+    reply, payload = peer.request(claim_head(names[0]))
+    assert reply["ok"] is True and payload == [] and reply["name"] == names[0] and reply["num_workers"] == WORKERS
+    assert reply["worker"] == 2, "ids 0 and 1 are in use"
+    for name in names[1:]:  # valid names (not bad_header), but every id is held now
         reply, payload = peer.request(claim_head(name))
-        assert reply["ok"] is True and payload == [] and reply["name"] == name and reply["num_workers"] == WORKERS
-        ids[name] = reply["worker"]
-    assert sorted(ids.values()) == list(range(WORKERS)), "three names, three distinct ids"
+        assert reply["ok"] is False and reply["code"] == P.NO_WORKER_ID and payload == [], reply
     for _ in range(2):  # refused twice: the first refusal took no id
         reply = expect_error(peer, job.client, (claim_head("bad-input-one-too-many"),), P.NO_WORKER_ID)
-        assert f"started for {WORKERS} workers" in reply["msg"]
-    for name in names:  # every name keeps its id
-        reply, _ = peer.request(claim_head(name))
-        assert reply["ok"] is True and reply["worker"] == ids[name]
+        assert f"started for {WORKERS} workers" in reply["msg"] and reply["shard"] == 0
+        assert "(by bad-input-a; ids 0, 1 given by DCASGD_WORKER_ID, RANK or SLURM_PROCID)" in reply["msg"], reply
+    reply, _ = peer.request(claim_head(names[0]))  # the name keeps its id
+    assert reply["ok"] is True and reply["worker"] == 2
 
 
 # --- other clusters: before init, and sync mode -------------------------------------------------------------

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import zmq
@@ -82,7 +86,7 @@ def test_membership_export_and_from_state_round_trip():
     m.claim("host-a")
     m.finish(1, 2)
     s = m.export_state()
-    assert s == {"names": [["host-b", 0], ["host-a", 1]], "finished": [(1, 2)]}
+    assert s == {"names": [["host-b", 0], ["host-a", 1]], "unnamed": [], "finished": [(1, 2)]}
     r = Membership.from_state(3, s)
     assert r.num_workers == 3 and r.names == m.names and r.finished == m.finished
     assert list(r.names) == ["host-b", "host-a"], "claim order is kept"
@@ -92,6 +96,31 @@ def test_membership_export_and_from_state_round_trip():
     # Ids outside a smaller job are left out.
     small = Membership.from_state(1, s)
     assert small.names == {"host-b": 0} and small.finished == {}
+
+
+@pytest.mark.timeout(10)
+def test_an_id_in_use_without_a_name_is_never_claimed():
+    m = Membership(3)
+    m.seen(0)  # a worker that DCASGD_WORKER_ID (or RANK) told it is 0
+    assert m.claim("a") == 1, "id 0 is in use: a claim gets the next free one"
+    m.seen(1)  # a request from a claimed id: its name holds it already
+    assert m.unnamed == {0}
+    assert m.claim("b") == 2
+    m.seen(2)
+    with pytest.raises(NoFreeWorkerId) as err:
+        m.claim("c")
+    msg = str(err.value)
+    assert "a, b; id 0 given by DCASGD_WORKER_ID, RANK or SLURM_PROCID" in msg, msg
+    assert "-1" not in msg
+    # Kept in a checkpoint; a checkpoint written before ids were recorded this way has none.
+    r = Membership.from_state(3, m.export_state())
+    assert r.unnamed == {0} and r.names == {"a": 1, "b": 2}
+    assert Membership.from_state(3, {"names": [["a", 1]], "finished": []}).claim("new") == 0
+    only_given = Membership(2)
+    only_given.seen(1)
+    only_given.seen(0)
+    with pytest.raises(NoFreeWorkerId, match=r"by ids 0, 1 given by DCASGD_WORKER_ID"):
+        only_given.claim("late")
 
 
 # --- ShardState: claim and done as the server calls them --------------------------------------------------
@@ -283,3 +312,34 @@ def test_claim_then_done_by_every_worker_ends_an_exit_when_done_shard(cluster_fa
                 c.close()
         log = cl.log(0)
         assert "all 2 workers finished" in log and "all with status 0" in log
+
+
+@pytest.mark.timeout(90)
+def test_a_claim_never_hands_out_an_id_that_a_worker_uses_unclaimed(cluster_factory):
+    """A worker given id 0 by the environment trains; a claim and ``dcasgd worker`` then get other ids."""
+    with cluster_factory(2, 3, "async") as cl:
+        with Client(cl.endpoints, worker_id=0, timeout=10.0) as given:
+            given.init(torch.zeros(N))
+            given.pull()
+            given.push(torch.ones(N), lr=0.1)
+        assert claim_worker_id(cl.endpoints[0], "claimed-one", timeout=10)["worker"] == 1
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DCASGD_")}
+        env |= {"DCASGD_SERVERS": ",".join(cl.endpoints), "DCASGD_WORKER_NAME": "wrapped"}
+        printer = "import os; print(os.environ['DCASGD_WORKER_ID'])"
+        out = subprocess.run(
+            [sys.executable, "-m", "dcasgd", "worker", "--", sys.executable, "-c", printer],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0 and out.stdout == "2\n", out
+        assert "worker id 2 (claimed as 'wrapped')" in out.stderr, out.stderr
+        with pytest.raises(ServerError) as err:
+            claim_worker_id(cl.endpoints[0], "one-too-many", timeout=10)
+        assert err.value.code == P.NO_WORKER_ID
+        assert "claimed-one, wrapped; id 0 given by DCASGD_WORKER_ID" in err.value.message, err.value.message
+        assert str(err.value).startswith(f"shard 0 ({cl.endpoints[0]}) refused"), "error replies name their shard"
+        with pytest.raises(ServerError) as err:
+            claim_worker_id(cl.endpoints[1], "wrong-shard", timeout=10)
+        assert err.value.code == P.BAD_OP and err.value.shard == 1, err.value

@@ -6,13 +6,18 @@ import socket
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import in_parallel
+import zmq
+from conftest import ShardDriver, in_parallel
 from prometheus_client.parser import text_string_to_metric_families
 
 from dcasgd import Client
+from dcasgd.metrics import ShardCollector
+from dcasgd.server import ShardServer
+from dcasgd.shard import ShardConfig
 
 N = 1000
 
@@ -75,7 +80,8 @@ def test_scrape_shows_staleness_updates_and_drops(cluster_factory, raw_peer):
     requests = {dict(k)["op"]: v for k, v in m["dcasgd_requests_total"].items()}
     assert requests["push_pull"] == 6 and requests["pull"] == 2 and requests["init"] == 1
     assert m["dcasgd_received_bytes_total"][shard] > 6 * N * 4 and m["dcasgd_sent_bytes_total"][shard] > 8 * N * 4
-    assert m["dcasgd_sync_rounds_total"][shard] == 0
+    assert not [name for name in m if name.startswith("dcasgd_sync_")], "an async shard has no sync series"
+    assert "dcasgd_live_workers" not in m
     assert m["dcasgd_worker_finished"] == {(("shard", "0"), ("status", "3"), ("worker", "1")): 1}
 
 
@@ -101,3 +107,58 @@ def test_sync_rounds_and_round_times(cluster_factory):
     assert m["dcasgd_staleness_count"][shard] == 4
     (info,) = m["dcasgd_shard_info"]
     assert dict(info)["mode"] == "sync" and dict(info)["num_shards"] == "1" and len(dict(info)["instance"]) == 16
+
+
+def readme_metrics() -> tuple[set[str], set[str]]:
+    """The metric names that the README's "## Metrics" table lists: (all, those marked sync only)."""
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    section = text.split("\n## Metrics\n", 1)[1].split("\n## ", 1)[0]
+    names, sync_only = set(), set()
+    for row in section.splitlines():
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        if row.startswith("| `dcasgd_"):
+            name = cells[0].strip("`")
+            names.add(name)
+            if cells[-1].startswith("sync only"):
+                sync_only.add(name)
+    return names, sync_only
+
+
+def exported(port: int) -> set[str]:
+    """Metric names as a user queries them (a counter with ``_total``), empty families included."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5.0) as r:
+        text = r.read().decode()
+    return {f.name + "_total" if f.type == "counter" else f.name for f in text_string_to_metric_families(text)}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("mode", ["async", "dcasgd", "dcasgd-a", "sync"])
+def test_every_mode_exports_the_readme_metrics_and_only_sync_the_sync_ones(cluster_factory, mode):
+    listed, sync_only = readme_metrics()
+    assert len(listed) >= 20 and {"dcasgd_live_workers", "dcasgd_sync_rounds_total"} <= sync_only
+    port = free_port()
+    with cluster_factory(1, 1, mode, "--metrics-port", str(port)) as cl:
+        with Client(cl.endpoints, worker_id=0, timeout=20.0) as c:
+            c.init(torch.zeros(N))
+            c.pull()
+            for _ in range(2):  # one worker: each push closes a sync round
+                c.push_pull(torch.full((N,), 0.01), lr=0.1)
+        scrape(port)  # retried until the metrics server answers
+        names = exported(port)
+    expected = listed if mode == "sync" else listed - sync_only
+    assert names == expected, f"exported, not in the README: {names - listed}; missing: {expected - names}"
+    if mode != "sync":
+        assert not [n for n in names if n.startswith("dcasgd_sync_")]
+
+
+@pytest.mark.timeout(30)
+def test_parameters_is_the_shards_slice():
+    ctx = zmq.Context()
+    server = ShardServer("tcp://127.0.0.1:0", ShardConfig(shard=1, num_shards=2, num_workers=1), context=ctx)
+    try:
+        ShardDriver(server.shard).call("init", 0, torch.zeros(N // 2), n=N + 1, lo=N // 2 + 1, hi=N + 1)
+        [family] = [f for f in ShardCollector(server).collect() if f.name == "dcasgd_parameters"]
+        assert [s.value for s in family.samples] == [N // 2], "shard 1's slice of N + 1, not the model's N + 1"
+    finally:
+        server.close()
+        ctx.term()

@@ -64,7 +64,8 @@ def test_errors_are_named(cluster_factory):
         text=True,
         timeout=30,
     )
-    assert out.returncode == 2 and "DCASGD_SERVERS" in out.stderr, out
+    assert out.returncode == 2 and "no servers: set DCASGD_SERVERS to the shards' endpoints" in out.stderr, out
+    assert "servers=[" not in out.stderr, "a shell user is not told about a Python argument"
     with cluster_factory(1, 2, "async") as cluster:
         proc = _worker(cluster.endpoints, "/nonexistent/train", DCASGD_WORKER_ID="1")
         _, err = proc.communicate(timeout=30)
