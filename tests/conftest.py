@@ -17,7 +17,7 @@ import pytest
 import zmq
 from torch import Tensor
 
-from dcasgd.protocol import ITEMSIZE, Request
+from dcasgd.protocol import Request
 from dcasgd.shard import ShardState
 
 START_TIMEOUT = 30.0  # seconds for a shard process to report its endpoint
@@ -172,13 +172,15 @@ class ShardDriver:
     def call(self, op: str, worker: int, payload: Tensor | None = None, **fields):
         """The replies to one request; ``payload`` (float32, this shard's slice) for init and pushes."""
         self.rid += 1
-        nbytes = None if payload is None else payload.numel() * ITEMSIZE
+        nbytes = None if payload is None else payload.numel() * payload.element_size()
+        if payload is not None:
+            fields.setdefault("dtype", str(payload.dtype).removeprefix("torch."))
         req = Request(op=op, rid=self.rid, worker=worker, fp=self.fp, nbytes=nbytes, **fields)
         self.state.check(req)
         if op == "init":
             return [self.state.init(req, payload)]
         if op == "pull":
-            return [self.state.pull(worker, req.rid)]
+            return [self.state.pull(worker, req.rid, req.keep)]
         return self.state.push(req, payload.clone(), now=0.0)
 
 

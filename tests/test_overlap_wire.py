@@ -1,0 +1,150 @@
+"""Overlapped steps and the half-size wire: the backup is exactly what each gradient was computed on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import ShardDriver
+
+from dcasgd import Client, DcasgdError, ServerError
+from dcasgd.client import NonFiniteGradient
+from dcasgd.rules import RuleConfig
+from dcasgd.shard import ShardConfig, ShardState
+
+N = 10_007  # not a multiple of the shard count
+LR, LAM = 0.1, 1.0  # a large lambda makes a wrong backup visible far above the tolerance
+
+
+def grad(worker: int, step: int, w: torch.Tensor) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1000 * worker + step)
+    return (0.5 * w + torch.randn(w.numel(), generator=gen)).float()
+
+
+def start_weights(n: int = N) -> torch.Tensor:
+    return torch.randn(n, generator=torch.Generator().manual_seed(7))
+
+
+class VersionedReference:
+    """The rules in float64, with the weights of every version, so a push names its own backup."""
+
+    def __init__(self, w0: torch.Tensor, mode: str, lam: float = LAM, lam0=2.0, decay=0.95, eps=1e-7) -> None:
+        self.w = w0.double().clone()
+        self.history = {0: self.w.clone()}
+        self.mode, self.lam, self.lam0, self.decay, self.eps = mode, lam, lam0, decay, eps
+        self.ms = torch.zeros_like(self.w)
+
+    @property
+    def version(self) -> int:
+        return len(self.history) - 1
+
+    def push(self, g: torch.Tensor, bak: torch.Tensor) -> None:
+        g, bak = g.double(), bak.double()
+        if self.mode == "dcasgd":
+            d = g + self.lam * g * g * (self.w - bak)
+        else:
+            self.ms = self.decay * self.ms + (1 - self.decay) * g * g
+            d = g + self.lam0 / torch.sqrt(self.ms + self.eps) * g * g * (self.w - bak)
+        self.w = self.w - LR * d
+        self.history[self.version + 1] = self.w.clone()
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("mode", ["dcasgd", "dcasgd-a"])
+def test_overlapped_interleaving_matches_a_reference_whose_backup_is_the_gradients_version(cluster_factory, mode):
+    # Each worker computes on the weights it holds while its last push is in flight, then
+    # loads that reply: every gradient is one reply older than the newest weights it was sent,
+    # and names the version it was computed on.
+    m = 3
+    script = [0, 1, 2, 0, 0, 1, 2, 2, 1, 0, 1, 2, 0, 1, 1, 2, 0]
+    with cluster_factory(2, m, mode, "--lam", str(LAM)) as cl:
+        cs = [Client(cl.endpoints, i, timeout=20.0) for i in range(m)]
+        w0 = start_weights()
+        cs[0].init(w0)
+        ref = VersionedReference(w0, mode)
+        held = [c.pull(keep=2) for c in cs]
+        held_version = [c.versions for c in cs]
+        incoming: list[tuple[torch.Tensor, list[int]] | None] = [None] * m
+        for step, i in enumerate(script):
+            g = grad(i, step, held[i])
+            base = held_version[i]
+            if incoming[i] is not None:
+                held[i], held_version[i] = incoming[i]  # load the reply that was in flight
+            ref.push(g, ref.history[base[0]])
+            reply = cs[i].push_pull(g, lr=LR, base=base, keep=2)
+            assert cs[i].versions == [ref.version] * 2
+            torch.testing.assert_close(reply.double(), ref.w, rtol=1e-5, atol=1e-5, msg=f"step {step}")
+            incoming[i] = (reply, cs[i].versions)
+        stale = dict(cs[0].stats()[0]["staleness"])
+        assert max(stale) >= 3, f"overlap adds one step of staleness, got {stale}"
+        # A base the shard no longer keeps (three replies old) is refused and changes nothing.
+        before = cs[0].pull()
+        with pytest.raises(ServerError, match="bad_base"):
+            cs[1].push(grad(1, 99, held[1]), lr=LR, base=[0, 0])
+        torch.testing.assert_close(cs[0].pull(), before, rtol=0, atol=0)
+        for c in cs:
+            c.close()
+
+
+def test_backup_over_a_bfloat16_wire_is_the_rounded_weights_bit_for_bit():
+    state = ShardState(ShardConfig(num_workers=2, rules=RuleConfig(mode="dcasgd", lam=LAM), wire_dtype="bfloat16"))
+    shard = ShardDriver(state)
+    w0 = start_weights(1000)
+    shard.call("init", 0, w0, n=1000, lo=0, hi=1000)
+    sent = [shard.call("pull", i)[0].snapshot.tensor.clone() for i in range(2)]
+    assert sent[0].dtype == torch.bfloat16
+    assert torch.equal(state.backup[0].tensor, sent[0]) and torch.equal(sent[0], w0.to(torch.bfloat16))
+    ref = VersionedReference(w0, "dcasgd")
+    for step in range(3):  # worker 1 moves the weights; worker 0 stays behind
+        g = grad(1, step, sent[1].float()).to(torch.bfloat16)
+        ref.push(g, sent[1])
+        sent[1] = shard.call("push_pull", 1, g, seq=step + 1)[0].snapshot.tensor.clone()
+    g0 = grad(0, 0, sent[0].float()).to(torch.bfloat16)
+    shard.call("push", 0, g0, seq=1)
+    ref.push(g0, sent[0])  # compensated against exactly the rounded weights worker 0 received
+    torch.testing.assert_close(state.w.double(), ref.w, rtol=1e-6, atol=1e-6)
+    wrong = VersionedReference(w0, "dcasgd")
+    wrong.w = ref.history[3].clone()
+    wrong.push(g0, w0)  # against the unrounded weights: far off
+    assert (wrong.w - ref.w).abs().max() > 1e-4
+
+
+@pytest.mark.timeout(90)
+def test_bfloat16_wire_end_to_end_halves_the_bytes(cluster_factory):
+    n = 100_000
+    with cluster_factory(2, 1, "dcasgd", "--wire-dtype", "bfloat16", "--lam", str(LAM)) as cl:
+        with pytest.raises(DcasgdError, match="wire type is bfloat16.*pass wire_dtype='bfloat16'"):
+            Client(cl.endpoints, 0, timeout=10.0)
+        with Client(cl.endpoints, 0, timeout=10.0, wire_dtype="bfloat16") as c:
+            w0 = start_weights(n)
+            c.init(w0)
+            w = c.pull()
+            torch.testing.assert_close(w, w0.to(torch.bfloat16).float(), rtol=0, atol=0)
+            ref = VersionedReference(w0, "dcasgd")
+            before = [s["server"]["bytes_in"] for s in c.stats()]
+            g = grad(0, 0, w).to(torch.bfloat16).float()
+            ref.push(g, w)
+            w = c.push_pull(g, lr=LR)
+            after = [s["server"]["bytes_in"] for s in c.stats()]
+            pushed = sum(after) - sum(before)
+            assert 2 * n <= pushed < 2 * n + 2_000, f"a bfloat16 push of {n} floats took {pushed} bytes"
+            torch.testing.assert_close(w.double(), ref.w, rtol=2**-7, atol=1e-6)  # within bfloat16 rounding
+            assert {s["wire_dtype"] for s in c.stats()} == {"bfloat16"}
+
+
+@pytest.mark.timeout(90)
+def test_a_float16_overflow_or_a_nan_is_refused_whole_and_changes_nothing(cluster_factory):
+    with cluster_factory(2, 1, "async", "--wire-dtype", "float16") as cl:
+        with Client(cl.endpoints, 0, timeout=10.0, wire_dtype="float16") as c:
+            c.init(start_weights())
+            w = c.pull()
+            g = torch.zeros(N)
+            g[N - 1] = 1e5  # fits float32, overflows float16; in the last shard's slice only
+            with pytest.raises(NonFiniteGradient, match="65504"):
+                c.push_pull(g, lr=LR)
+            g[N - 1] = float("nan")
+            with pytest.raises(NonFiniteGradient, match="flat index 10006"):
+                c.push(g, lr=LR)
+            torch.testing.assert_close(c.pull(), w, rtol=0, atol=0)
+            assert [s["version"] for s in c.stats()] == [0, 0], "no shard applied any part of it"
+            c.push_pull(torch.ones(N), lr=LR)  # the next good push goes through
+            assert [s["version"] for s in c.stats()] == [1, 1]
