@@ -274,7 +274,7 @@ class Client:
         g = _flat(g, "g")
         if g.numel() != self.n:
             raise ValueError(f"gradient has {g.numel()} elements, the model has {self.n}")
-        if lr is not None and not lr > 0:
+        if lr is not None and not lr >= 0:  # lr = 0 is a zero step (a warm-up from 0), as in torch.optim.SGD
             raise ValueError(f"Invalid learning rate: {lr}")
         self._seq += 1
         header = {"fp": self.fingerprint, "seq": self._seq}
