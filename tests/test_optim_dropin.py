@@ -202,11 +202,11 @@ def test_grad_scaler_and_clipping_match_sgd(one_worker):
 @pytest.mark.timeout(90)
 def test_torch_compile_matches_sgd(one_worker):
     ours, ref = mlp(), mlp()
-    compiled = torch.compile(ours)  # inductor: about 20 s of compiling on a 2-core machine
+    compiled = torch.compile(ours)  # inductor: about 10 s of compiling here with a cold cache
     opt = one_worker(compiled.parameters())
     train(compiled, opt, 5)
     train(ref, torch.optim.SGD(ref.parameters(), lr=0.1), 5)
-    assert_same(ours, ref, atol=1e-5)  # the compiled kernels may round differently from eager ones
+    assert_same(ours, ref)
     assert shard_version(opt) == 5
 
 
