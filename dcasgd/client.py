@@ -340,7 +340,7 @@ class Client:
         g = _flat(g, "g")
         if g.numel() != self.n:
             raise ValueError(f"gradient has {g.numel()} elements, the model has {self.n}")
-        if lr is not None and not lr > 0:
+        if lr is not None and not lr >= 0:  # lr = 0 is a zero step (a warm-up from 0), as in torch.optim.SGD
             raise ValueError(f"Invalid learning rate: {lr}")
         if base is not None and len(base) != self.num_shards:
             raise ValueError(f"base needs one version per shard ({self.num_shards}), got {len(base)}")

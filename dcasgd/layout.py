@@ -35,32 +35,35 @@ def shard_ranges(numel: int, num_shards: int) -> list[tuple[int, int]]:
     return ranges
 
 
-def fingerprint(entries: Iterable[tuple[str, Sequence[int]]]) -> str:
-    """A short hex digest of parameter names and shapes, in order.
+def fingerprint(shapes: Iterable[Sequence[int]]) -> str:
+    """A short hex digest of parameter shapes, in order: the identity of a job's model.
 
-    Two models get the same fingerprint exactly when they have the same
-    parameters, with the same shapes, in the same order.
+    Two models get the same fingerprint exactly when they have as many parameters,
+    with the same shapes, in the same order. Names and dtypes are not part of it:
+    a worker passing ``model.named_parameters()`` and one passing
+    ``model.parameters()`` join the same job, and so do a float64 and a float32
+    copy of one model, since the wire and the shards hold float32 whatever the
+    worker's dtype (names only make a mismatch easier to explain).
     """
     h = hashlib.sha256()
-    for name, shape in entries:
-        h.update(name.encode("utf-8"))
-        h.update(b"\x00")
+    for shape in shapes:
         h.update(",".join(str(int(d)) for d in shape).encode("ascii"))
         h.update(b"\x01")
     return h.hexdigest()[:16]
 
 
 def flat_fingerprint(numel: int) -> str:
-    """The fingerprint of a bare flat vector of ``numel`` floats (no names)."""
-    return fingerprint([("flat", (numel,))])
+    """The fingerprint of a bare flat vector of ``numel`` floats (one 1-D parameter)."""
+    return fingerprint([(numel,)])
 
 
 @dataclass(frozen=True)
 class FlatLayout:
-    """Where each named parameter lives in the flat vector.
+    """Where each parameter lives in the flat vector.
 
-    ``offsets[i]`` is the element offset of ``names[i]``; ``numel`` the total
-    length in float32 elements.
+    ``offsets[i]`` is the element offset of parameter ``i``; ``numel`` the total
+    length in float32 elements. ``names[i]`` is its name, or ``""`` when the
+    worker gave none; names only label parameters in messages.
     """
 
     names: tuple[str, ...]
@@ -70,6 +73,7 @@ class FlatLayout:
 
     @classmethod
     def from_shapes(cls, entries: Iterable[tuple[str, Sequence[int]]]) -> FlatLayout:
+        """The layout of ``(name, shape)`` pairs in order (``name`` may be ``""``)."""
         names, shapes, offsets = [], [], []
         off = 0
         for name, shape in entries:
@@ -85,17 +89,24 @@ class FlatLayout:
 
     @property
     def fingerprint(self) -> str:
-        return fingerprint(zip(self.names, self.shapes, strict=True))
+        """:func:`fingerprint` of the shapes (names do not count)."""
+        return fingerprint(self.shapes)
 
     def describe_difference(self, other: FlatLayout) -> str:
-        """A one-line account of how ``other`` differs from this layout, or ``""``."""
+        """A one-line account of how ``other`` (a worker's model) differs from this one (the job's), or ``""``.
+
+        A parameter is labelled with ``other``'s name, else this layout's, else its index.
+        """
         if self.fingerprint == other.fingerprint:
             return ""
-        if len(self.names) != len(other.names):
-            return f"{len(other.names)} parameters instead of {len(self.names)}"
-        for a, sa, b, sb in zip(self.names, self.shapes, other.names, other.shapes, strict=True):
-            if a != b:
-                return f"parameter {b!r} where {a!r} was expected"
+        first = ""
+        for i, (sa, sb) in enumerate(zip(self.shapes, other.shapes, strict=False)):  # lengths may differ
             if sa != sb:
-                return f"parameter {a!r} has shape {list(sb)} instead of {list(sa)}"
-        return "parameters differ"
+                name = other.names[i] or self.names[i]
+                label = f"parameter {name!r}" if name else f"parameter #{i}"
+                first = f"{label} has shape {list(sb)} instead of {list(sa)}"
+                break
+        if len(self.shapes) != len(other.shapes):
+            count = f"{len(other.shapes)} parameters instead of {len(self.shapes)}"
+            return f"{count}; the first that differs: {first}" if first else count
+        return first or "parameters differ"

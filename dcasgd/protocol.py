@@ -189,8 +189,8 @@ def validate_request(h: dict[str, Any], num_workers: int, payload_frames: int) -
     lr = None
     if op in PUSH_OPS and h.get("lr") is not None:
         lr = h["lr"]
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-            raise ProtocolError(BAD_LR, f"lr must be a finite number > 0, got {lr!r}")
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
+            raise ProtocolError(BAD_LR, f"lr must be a finite number >= 0, got {lr!r}")
         lr = float(lr)
     instance = h.get("instance")
     if instance is not None and (not isinstance(instance, str) or len(instance) > 64):

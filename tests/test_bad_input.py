@@ -257,7 +257,6 @@ ERROR_CASES = [
     case("lr-nan", P.BAD_LR, head("push", lr=math.nan), G),
     case("lr-inf", P.BAD_LR, head("push", lr=math.inf), G),
     case("lr-negative", P.BAD_LR, head("push", lr=-0.1), G),
-    case("lr-zero", P.BAD_LR, head("push_pull", lr=0), G),
     case("lr-str", P.BAD_LR, head("push", lr="0.1"), G),
     case("lr-bool", P.BAD_LR, head("push", lr=True), G),
     case("push_pull-lr-nan", P.BAD_LR, head("push_pull", lr=math.nan), G),

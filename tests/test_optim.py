@@ -91,7 +91,7 @@ def test_missing_settings_name_the_variable(monkeypatch):
     with pytest.raises(JobConfigError, match="SLURM_NTASKS='x' is not an integer"):
         DistributedOptimizer(small_model().parameters(), lr=0.1)
     with pytest.raises(ValueError, match="Invalid learning rate"):
-        DistributedOptimizer(small_model().parameters(), lr=0.0)
+        DistributedOptimizer(small_model().parameters(), lr=-0.1)
 
 
 @pytest.mark.timeout(60)
