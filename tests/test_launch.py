@@ -353,3 +353,24 @@ def test_metrics_port_is_per_shard_in_local_cluster():
         LocalCluster(["true"], server_args=["--metrics-port", "9100"])
     with pytest.raises(ValueError, match="room for 2 shards"):
         LocalCluster(["true"], shards=2, metrics_port=65535)
+
+
+def test_grace_is_the_time_between_sigterm_and_sigkill(tmp_path, capsys, monkeypatch):
+    # Worker 0 ignores SIGTERM; worker 1 fails once it has (a FIFO's open returns when both ends are open).
+    staged = """
+import os, signal, sys
+if os.environ["DCASGD_WORKER_ID"] == "0":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    open(os.environ["FIFO"], "w").close()
+    while True:
+        signal.pause()
+open(os.environ["FIFO"]).close()
+sys.exit(3)
+"""
+    os.mkfifo(tmp_path / "fifo")
+    monkeypatch.setenv("FIFO", str(tmp_path / "fifo"))
+    argv = ["launch", "--workers", "2", "--grace", "0.5", "--", *script(tmp_path, "staged.py", staged)]
+    assert cli.main(argv) == 3
+    out = capsys.readouterr().out
+    assert "[launch] worker 0 still ran 0.5 s after SIGTERM; sent SIGKILL" in out, out
+    assert_all_gone(launched_pids(out))
