@@ -10,6 +10,7 @@ processes, for each mode on 1 and 2 shards. Prints median milliseconds and the
 ratio to the bare echo; writes the raw timings as JSON.
 
     python benchmarks/throughput.py                 # 1M and 10M floats, all modes, 1 and 2 shards
+    python benchmarks/throughput.py --quick         # 1M floats, async and dcasgd-a, 1 shard, 10 round trips
     python benchmarks/throughput.py --sizes 1000000 --repeats 10 --modes dcasgd-a
 """
 
@@ -117,15 +118,32 @@ def time_push_pull(numel: int, num_shards: int, mode: str, repeats: int, warmup:
     return times
 
 
-def main(argv: list[str] | None = None) -> int:
+DEFAULTS = {"sizes": [1_000_000, 10_000_000], "modes": list(MODES), "shards": [1, 2], "repeats": 30, "warmup": 5}
+# A smoke run: the 1M row of the README's table for the cheapest and the default rule.
+QUICK = {"sizes": [1_000_000], "modes": ["async", "dcasgd-a"], "shards": [1], "repeats": 10, "warmup": 2}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options; ``--quick`` fills in :data:`QUICK` for those not given, otherwise :data:`DEFAULTS` apply."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000], help="floats per message")
-    ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    ap.add_argument("--shards", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--repeats", type=int, default=30, help="timed round trips per configuration")
-    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--quick", action="store_true", help=f"fewer runs: {QUICK} unless given explicitly")
+    ap.add_argument("--sizes", type=int, nargs="+", help=f"floats per message (default {DEFAULTS['sizes']})")
+    ap.add_argument("--modes", nargs="+", choices=MODES, help="update rules (default: all)")
+    ap.add_argument("--shards", type=int, nargs="+", help=f"shard counts (default {DEFAULTS['shards']})")
+    ap.add_argument("--repeats", type=int, help=f"timed round trips per configuration (default {DEFAULTS['repeats']})")
+    ap.add_argument("--warmup", type=int, help=f"untimed round trips first (default {DEFAULTS['warmup']})")
     ap.add_argument("--out", type=Path, default=Path("results/throughput.json"))
     a = ap.parse_args(argv)
+    for key, value in DEFAULTS.items():
+        if getattr(a, key) is None:
+            setattr(a, key, QUICK[key] if a.quick else value)
+    if a.repeats < 1:
+        ap.error("--repeats must be >= 1")
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
 
     results = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
                            "pyzmq": zmq.__version__, "libzmq": zmq.zmq_version()}, "runs": []}  # fmt: skip

@@ -50,36 +50,81 @@ def _add_rule_options(p: argparse.ArgumentParser) -> list[argparse.Action]:
     ]
 
 
+def _add_shard_options(p: argparse.ArgumentParser, *, launch: bool) -> list[argparse.Action]:
+    """The options of one shard, for ``server`` and for ``launch`` (which gives them to every shard).
+
+    Returns the actions that ``launch`` passes on as they are; ``--mode`` (``LocalCluster``'s own
+    argument) and ``--metrics-port`` (shard s gets PORT+s) are added but not returned.
+    """
+    passed_on = [a for a in _add_rule_options(p) if a.dest != "mode"]
+    add = p.add_argument
+    each = " (each shard)" if launch else ""
+    if launch:
+        passed_on.append(add("--threads", type=int, default=1, help="torch threads per shard (default 1)"))
+    else:
+        passed_on.append(
+            add("--threads", type=int, default=0, help="torch threads for the rules (default: one per core)")
+        )
+    passed_on.append(add("--log-level", default="INFO", help=f"logging level{each} (default INFO)"))
+    passed_on.append(
+        add(
+            "--max-message-bytes",
+            type=int,
+            default=0,
+            help="largest frame a peer may send, in bytes; a peer that sends more is disconnected (ZeroMQ "
+            "MAXMSGSIZE; default 0: no limit beyond the header checks). A payload frame holds 4 bytes per "
+            "float of a shard's slice, so set it to at least 4 times the number of floats in the largest "
+            "slice (dcasgd status shows each shard's [lo, hi)), e.g. 4000000 or more for 1M floats",
+        )
+    )
+    passed_on.append(
+        add(
+            "--max-header-bytes",
+            type=int,
+            default=64 * 1024,
+            help="a larger header frame is dropped and counted (default 65536)",
+        )
+    )
+    passed_on.append(
+        add(
+            "--checkpoint-dir",
+            metavar="DIR",
+            help="write the shard's whole state to DIR (and on SIGTERM)"
+            + ("; one DIR serves all shards (files shard{S}-v{version}.ckpt)" if launch else ""),
+        )
+    )
+    passed_on.append(
+        add(
+            "--checkpoint-every",
+            type=float,
+            metavar="SECONDS",
+            help="seconds between checkpoints when the weights changed (default 60 with --checkpoint-dir; "
+            "0: on stop only)",
+        )
+    )
+    passed_on.append(
+        add("--resume", action="store_true", help=f"start from the newest checkpoint in --checkpoint-dir{each}")
+    )
+    add(
+        "--metrics-port",
+        type=int,
+        default=0,
+        metavar="PORT",
+        help="serve Prometheus metrics on http://METRICS_HOST:PORT/metrics"
+        + (", PORT+1 for shard 1, and so on (PORT+s for shard s)" if launch else "")
+        + " (default 0: off)",
+    )
+    passed_on.append(add("--metrics-host", default="127.0.0.1", help="address for --metrics-port (default 127.0.0.1)"))
+    return passed_on
+
+
 def _add_server(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("server", help="run one shard of the parameter server")
     p.add_argument("--bind", default=DEFAULT_BIND, help=f"ZeroMQ endpoint to bind (default {DEFAULT_BIND})")
     p.add_argument("--shard", type=int, default=0, help="this shard's index (default 0)")
     p.add_argument("--num-shards", type=int, default=1, help="shards in the job (default 1)")
     p.add_argument("--num-workers", type=int, required=True, help="workers in the job")
-    _add_rule_options(p)
-    p.add_argument("--threads", type=int, default=0, help="torch threads for the rules (default: one per core)")
-    p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
-    p.add_argument(
-        "--max-message-bytes",
-        type=int,
-        default=0,
-        help="largest frame a peer may send; a peer that sends more is disconnected (ZeroMQ MAXMSGSIZE; "
-        "default 0: no limit beyond the header checks). Set it above 4 x the largest shard slice",
-    )
-    p.add_argument(
-        "--max-header-bytes",
-        type=int,
-        default=64 * 1024,
-        help="a larger header frame is dropped and counted (default 65536)",
-    )
-    p.add_argument("--checkpoint-dir", metavar="DIR", help="write the shard's whole state to DIR (and on SIGTERM)")
-    p.add_argument(
-        "--checkpoint-every",
-        type=float,
-        metavar="SECONDS",
-        help="seconds between checkpoints when the weights changed (default 60 with --checkpoint-dir; 0: on stop only)",
-    )
-    p.add_argument("--resume", action="store_true", help="start from the newest checkpoint in --checkpoint-dir")
+    _add_shard_options(p, launch=False)
     p.add_argument(
         "--curve-secret-key",
         metavar="FILE",
@@ -91,14 +136,6 @@ def _add_server(sub: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="CURVE: directory of the public keys (*.key) of the workers allowed to connect (read at start)",
     )
-    p.add_argument(
-        "--metrics-port",
-        type=int,
-        default=0,
-        metavar="PORT",
-        help="serve Prometheus metrics on http://METRICS_HOST:PORT/metrics (default 0: off)",
-    )
-    p.add_argument("--metrics-host", default="127.0.0.1", help="address for --metrics-port (default 127.0.0.1)")
     p.add_argument(
         "--exit-when-done",
         action="store_true",
@@ -129,7 +166,18 @@ def _add_worker(sub: argparse._SubParsersAction) -> None:
     p.add_argument("worker_command", nargs=argparse.REMAINDER, help="the training command, after --")
 
 
+class _NotForLaunch(argparse.Action):
+    """A ``dcasgd server`` option that ``launch`` does not pass on: a usage error that says why."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *_args: object, **_kwargs: object) -> None:
+        from .launch import NOT_PASSED_ON
+
+        parser.error(f"{self.option_strings[0]} is not for dcasgd launch: {NOT_PASSED_ON[self.option_strings[0]]}")
+
+
 def _add_launch(sub: argparse._SubParsersAction) -> None:
+    from .launch import NOT_PASSED_ON
+
     p = sub.add_parser(
         "launch",
         help="run a whole job on this machine: shards and workers as child processes",
@@ -138,15 +186,29 @@ def _add_launch(sub: argparse._SubParsersAction) -> None:
         "DCASGD_SERVERS, DCASGD_WORKER_ID and DCASGD_NUM_WORKERS set; prefix each line of output with "
         "its role; exit with the first non-zero exit code (a signal N counts as 128+N) and leave no "
         "process behind.",
+        epilog="The dcasgd server options above go to each shard as given, except --metrics-port PORT: "
+        "shard s serves on PORT+s. Not for launch (refused): "
+        + ", ".join(NOT_PASSED_ON)
+        + ". Launch sets the first four itself; its shards run without CURVE, on 127.0.0.1 only; and it "
+        "stops the shards itself once every worker has exited 0, so --exit-when-done is not needed.",
     )
     p.add_argument("--shards", type=int, default=1, help="shard processes (default 1)")
     p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
-    passed_on = [a for a in _add_rule_options(p) if a.dest != "mode"]  # mode is LocalCluster's own argument
-    passed_on.append(p.add_argument("--threads", type=int, default=1, help="torch threads per shard (default 1)"))
-    passed_on.append(p.add_argument("--log-level", default="INFO", help="the shards' logging level (default INFO)"))
+    passed_on = _add_shard_options(p, launch=True)
     p.add_argument("--start-timeout", type=float, default=30.0, help="seconds for the shards to start (default 30)")
+    p.add_argument(
+        "--grace",
+        type=float,
+        default=5.0,
+        help="seconds between SIGTERM and SIGKILL when the job stops; a shard writes its last checkpoint "
+        "in them (default 5)",
+    )
+    for opt in NOT_PASSED_ON:
+        # nargs="?" so that a refused option's value is not taken for the worker command
+        flag = opt == "--exit-when-done"
+        p.add_argument(opt, action=_NotForLaunch, nargs=0 if flag else "?", help=argparse.SUPPRESS)
     p.add_argument("worker_command", nargs=argparse.REMAINDER, help="the worker command, after --")
-    p.set_defaults(server_options=[(a.option_strings[0], a.dest) for a in passed_on])
+    p.set_defaults(server_options=passed_on)
 
 
 def _add_status(sub: argparse._SubParsersAction) -> None:
@@ -268,13 +330,25 @@ def cmd_worker(a: argparse.Namespace) -> int:
     return run_worker(command, name=a.name, claim_timeout=a.claim_timeout)
 
 
+def launch_server_args(a: argparse.Namespace) -> list[str]:
+    """The ``dcasgd server`` options that parsed ``launch`` arguments give every shard, as arguments."""
+    args: list[str] = []
+    for action in a.server_options:
+        value = getattr(a, action.dest)
+        if action.nargs == 0:  # a flag (--resume): given or not
+            args += [action.option_strings[0]] if value else []
+        elif value is not None:  # None: not given, and the server's own default applies
+            args += [action.option_strings[0], str(value)]
+    return args
+
+
 def cmd_launch(a: argparse.Namespace) -> int:
     from .launch import LaunchError, launch
 
     command = _worker_command(a, "dcasgd launch [options] -- COMMAND [ARGS ...]")
     if command is None:
         return 2
-    server_args = [arg for opt, dest in a.server_options for arg in (opt, str(getattr(a, dest)))]
+    server_args = launch_server_args(a)
     try:
         return launch(
             command,
@@ -282,7 +356,9 @@ def cmd_launch(a: argparse.Namespace) -> int:
             workers=a.workers,
             mode=a.mode,
             server_args=server_args,
+            metrics_port=a.metrics_port,
             start_timeout=a.start_timeout,
+            grace=a.grace,
         )
     except ValueError as exc:
         print(f"dcasgd launch: error: {exc}", file=sys.stderr)

@@ -58,8 +58,23 @@ _MAX_LINE = 64 * 1024  # a longer line is passed on in pieces, each with the pre
 _TAIL_LINES = 40  # lines of a child's output kept for error messages
 _KILL_WAIT = 10.0  # seconds to wait for a SIGKILLed process to be reaped
 _PUMP_WAIT = 2.0  # seconds to wait for a child's pipe to close once every child has exited
-# Options the launcher sets itself for every shard.
-_OWN_SERVER_OPTIONS = ("--bind", "--shard", "--num-shards", "--num-workers", "--mode")
+# ``dcasgd server`` options that a local cluster does not pass on to its shards, and why.
+# ``dcasgd launch`` refuses them with these words; every other server option passes on.
+NOT_PASSED_ON: dict[str, str] = {
+    "--bind": "launch binds every shard to a free 127.0.0.1 port; to bind another address, "
+    "start each shard with dcasgd server",
+    "--shard": "launch numbers its shards itself; --shards N sets how many",
+    "--num-shards": "launch sets it; use --shards N",
+    "--num-workers": "launch sets it; use --workers M",
+    "--curve-secret-key": "launch's shards listen on 127.0.0.1 only and run without CURVE (its workers get "
+    "no DCASGD_CURVE_* variables); for CURVE, start each shard with dcasgd server",
+    "--curve-clients": "launch's shards listen on 127.0.0.1 only and run without CURVE (its workers get "
+    "no DCASGD_CURVE_* variables); for CURVE, start each shard with dcasgd server",
+    "--exit-when-done": "launch stops its shards itself (SIGTERM, which writes a last checkpoint) "
+    "once every worker has exited 0",
+}
+# Options LocalCluster takes as its own arguments rather than in server_args.
+_OWN_ARGUMENTS = {"--mode": "use mode=", "--metrics-port": "use metrics_port= (shard s gets metrics_port + s)"}
 
 
 class LaunchError(RuntimeError):
@@ -90,8 +105,12 @@ class LocalCluster:
 
     ``command``: the worker command, run once per worker (e.g. ``["python", "train.py"]``).
     ``shards``, ``workers``: how many of each. ``mode``: the shards' update rule.
-    ``server_args``: more ``dcasgd server`` options (``--lr``, ``--momentum``, ...);
-    shards get ``--threads 1`` unless these set ``--threads``. ``env``: variables
+    ``server_args``: more ``dcasgd server`` options (``--lr``, ``--momentum``,
+    ``--checkpoint-dir``, ...), the same for every shard (one checkpoint directory serves
+    all: the files are named by shard); none of :data:`NOT_PASSED_ON`. Shards get
+    ``--threads 1`` unless these set ``--threads``. ``metrics_port``: when > 0, shard
+    ``s`` serves Prometheus metrics on port ``metrics_port + s`` (``--metrics-host`` in
+    ``server_args`` picks the address; default 127.0.0.1). ``env``: variables
     added to this process's environment for every child. Workers also get
     ``OMP_NUM_THREADS=1`` unless it is set (as ``torchrun`` does: many processes
     share few cores) and ``PYTHONUNBUFFERED=1``. ``output``: where the prefixed
@@ -108,6 +127,7 @@ class LocalCluster:
         workers: int = 1,
         mode: str = "dcasgd-a",
         server_args: Sequence[str] = (),
+        metrics_port: int = 0,
         env: Mapping[str, str] | None = None,
         output: TextIO | None = None,
         quiet: bool = False,
@@ -122,14 +142,21 @@ class LocalCluster:
             raise ValueError(f"workers must be >= 1, got {workers}")
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}: one of {', '.join(MODES)}")
-        own = [a for a in server_args if a.split("=", 1)[0] in _OWN_SERVER_OPTIONS]
-        if own:
-            raise ValueError(f"server_args must not set {', '.join(own)}: the launcher sets them")
+        for arg in server_args:
+            opt = arg.split("=", 1)[0]
+            why = NOT_PASSED_ON.get(opt) or _OWN_ARGUMENTS.get(opt)
+            if why is not None:
+                raise ValueError(f"server_args must not set {opt}: {why}")
+        if not 0 <= metrics_port <= 65535 - (shards - 1):
+            raise ValueError(
+                f"metrics_port must be 0 (off) or a port with room for {shards} shards, got {metrics_port}"
+            )
         self.command = list(command)
         self.num_shards = shards
         self.num_workers = workers
         self.mode = mode
         self.server_args = list(server_args)
+        self.metrics_port = metrics_port
         if not any(a.split("=", 1)[0] == "--threads" for a in server_args):
             self.server_args += ["--threads", "1"]
         self.env = dict(env or {})
@@ -175,6 +202,8 @@ class LocalCluster:
                 "--num-shards", str(self.num_shards), "--num-workers", str(self.num_workers), "--mode", self.mode,
                 *self.server_args,
             ]  # fmt: skip
+            if self.metrics_port > 0:
+                cmd += ["--metrics-port", str(self.metrics_port + s)]
             self._shards.append(self._spawn("shard", s, cmd, base))
         deadline = time.monotonic() + self.start_timeout
         failed: tuple[_Child, str] | None = None

@@ -1,4 +1,4 @@
-"""benchmarks/speedup.py, run small: real local clusters, the JSON and the plots it writes."""
+"""benchmarks/speedup.py and throughput.py, run small: real local clusters and shards, the JSON and plots they write."""
 
 from __future__ import annotations
 
@@ -56,3 +56,42 @@ def test_speedup_time_to_target_and_sync_lr():
     assert speedup.lr_for("sync", 4, a) == pytest.approx(0.4)
     assert speedup.lr_for("sync", 64, a) == pytest.approx(0.8)  # capped
     assert speedup.parse_args(["--quick"]).workers == [1, 2, 4]
+
+
+@pytest.mark.timeout(90)
+def test_throughput_quick_writes_every_row(tmp_path):
+    out = tmp_path / "throughput.json"
+    # --quick, with smaller messages than its 1M floats to keep the test short
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "throughput.py"),
+        "--quick",
+        "--sizes",
+        "100000",
+        "--out",
+        str(out),
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=80, cwd=ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    runs = json.loads(out.read_text())["runs"]
+    whats = ["bare zmq echo", "bare zmq echo (tuned)", "push_pull async x1", "push_pull dcasgd-a x1"]
+    assert [r["what"] for r in runs] == whats
+    for r in runs:
+        assert r["numel"] == 100_000 and len(r["seconds"]) == 10 and all(t > 0 for t in r["seconds"])
+    assert runs[0]["ratio_to_echo"] == pytest.approx(1.0)
+    assert "push_pull dcasgd-a x1" in done.stdout
+
+
+@pytest.mark.timeout(30)
+def test_throughput_quick_keeps_what_is_given():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import throughput
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    full = throughput.parse_args([])
+    assert full.sizes == [1_000_000, 10_000_000] and full.shards == [1, 2] and full.repeats == 30
+    quick = throughput.parse_args(["--quick"])
+    assert (quick.sizes, quick.modes, quick.shards, quick.repeats) == ([1_000_000], ["async", "dcasgd-a"], [1], 10)
+    assert throughput.parse_args(["--quick", "--modes", "sync", "--repeats", "3"]).modes == ["sync"]
+    assert throughput.parse_args(["--quick", "--repeats", "3"]).repeats == 3

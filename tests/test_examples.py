@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -32,27 +31,17 @@ def launch(tmp_path: Path, shards: int, workers: int, mode: str, *command: str, 
     return [json.loads(f.read_text()) for f in files]
 
 
-def write_cifar10(root: Path, train_batches: int = 2, per_batch: int = 64, test: int = 32) -> Path:
-    """A tiny CIFAR-10 in the real python format: pickled dicts, uint8 N x 3072, labels 0-9."""
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    gen = torch.Generator().manual_seed(0)
-    names = [f"data_batch_{i + 1}" for i in range(train_batches)] + ["test_batch"]
-    for name, n in zip(names, [per_batch] * train_batches + [test], strict=True):
-        batch = {
-            b"batch_label": name.encode(),
-            b"labels": torch.randint(0, 10, (n,), generator=gen).tolist(),
-            b"data": torch.randint(0, 256, (n, 3072), dtype=torch.uint8, generator=gen).numpy(),
-            b"filenames": [f"{name}_{i}.png".encode() for i in range(n)],
-        }
-        with open(folder / name, "wb") as f:
-            pickle.dump(batch, f)
-    return folder
-
-
 @pytest.mark.timeout(90)
 def test_cifar10_runs_under_launch(tmp_path):
-    write_cifar10(tmp_path / "data")
+    # The fixture writer the README points to, run as a user runs it.
+    made = subprocess.run(
+        [sys.executable, str(EXAMPLES / "make_cifar_fixture.py"), str(tmp_path / "data")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stdout + made.stderr
+    assert sorted(p.name for p in (tmp_path / "data" / "cifar-10-batches-py").iterdir()) == [
+        "data_batch_1", "data_batch_2", "test_batch"
+    ]  # fmt: skip
     script = str(EXAMPLES / "train_cifar10.py")
     # --data-dir names the parent of cifar-10-batches-py, as after extracting the tarball there.
     args = [script, "--data-dir", str(tmp_path / "data"), "--max-steps", "3", "--batch-size", "16", "--log-every", "1"]

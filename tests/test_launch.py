@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -40,6 +41,39 @@ for _ in range(3):
 # async with --lr 0.5: every push moved every weight by -0.5, and this worker made 3 of them
 assert c.mode == "async" and (w == w[0]).all() and w[0] <= -1.5 and (w[0] / -0.5).item().is_integer(), w[0]
 print(f"worker {job.worker_id}/{job.num_workers} shards {c.num_shards} OMP {os.environ['OMP_NUM_THREADS']} done")
+c.close()
+"""
+
+# One worker of a resumable job: prints the shards' versions before and after 3 pushes (async, --lr 0.5).
+RESUMABLE = """
+import torch, dcasgd
+from dcasgd.env import resolve
+
+job = resolve()
+c = dcasgd.Client(job.servers, job.worker_id, timeout=20.0)
+c.init(torch.zeros(1000))  # after --resume the shards keep their weights: the first init wins
+resumed = [info["resumed_from_version"] for info in c.shard_info]
+before = [s["version"] for s in c.stats()]
+w = c.pull()
+for _ in range(3):
+    w = c.push_pull(torch.ones(1000), out=w)
+print(f"resumed {resumed} versions {before} -> {[s['version'] for s in c.stats()]} w {w[0].item()}")
+c.close()
+"""
+
+# A worker that pushes once and then scrapes every shard's metrics while the job runs.
+SCRAPER = """
+import os, urllib.request, torch, dcasgd
+from dcasgd.env import resolve
+
+job = resolve()
+c = dcasgd.Client(job.servers, job.worker_id, timeout=20.0)
+c.init(torch.zeros(1000))
+c.push_pull(torch.ones(1000), lr=0.1, out=c.pull())
+for s in range(c.num_shards):
+    url = f"http://127.0.0.1:{int(os.environ['METRICS_PORT']) + s}/metrics"
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    print(url, *[line for line in text.splitlines() if line.startswith("dcasgd_version")])
 c.close()
 """
 
@@ -219,3 +253,124 @@ def test_a_shard_that_fails_to_start_is_named_with_its_output(tmp_path):
             cluster.start_servers()
     assert "invalid float value: 'fast'" in str(e.value)
     assert_all_gone(list(cluster.pids.values()))
+
+
+def test_server_options_pass_through_to_each_shard(tmp_path):
+    """Every server option launch takes reaches the shards' own parser with the value given to launch."""
+    given = {
+        "--lr": "0.5", "--lam": "0.1", "--lam0": "3.0", "--ms-decay": "0.9", "--eps": "1e-06", "--momentum": "0.8",
+        "--sync-timeout": "9.0", "--compensation": "per-parameter", "--non-finite": "apply", "--threads": "2",
+        "--log-level": "DEBUG", "--max-message-bytes": "8000", "--max-header-bytes": "4096",
+        "--checkpoint-dir": str(tmp_path), "--checkpoint-every": "7.0", "--metrics-host": "0.0.0.0",
+    }  # fmt: skip
+    parser = cli.build_parser()
+    a = parser.parse_args(["launch", *[x for kv in given.items() for x in kv], "--resume", "--", "true"])
+    server_args = cli.launch_server_args(a)
+    assert "--resume" in server_args and "--metrics-port" not in server_args  # the port is per shard
+    server = parser.parse_args(["server", "--num-workers", "1", *server_args])
+    for opt, value in given.items():
+        assert str(getattr(server, opt[2:].replace("-", "_"))) == value, opt
+    assert server.resume
+    # Options not given on the command line are left out, so the server's own defaults apply.
+    assert cli.launch_server_args(parser.parse_args(["launch", "--", "true"]))[-2:] == ["--metrics-host", "127.0.0.1"]
+    assert "--checkpoint-dir" not in cli.launch_server_args(parser.parse_args(["launch", "--", "true"]))
+
+
+@pytest.mark.parametrize(
+    ("argv", "why"),
+    [
+        (["--curve-clients", "keys/clients"], "listen on 127.0.0.1 only and run without CURVE"),
+        (["--curve-secret-key", "shard.key_secret"], "listen on 127.0.0.1 only and run without CURVE"),
+        (["--exit-when-done"], "launch stops its shards itself"),
+        (["--bind", "tcp://0.0.0.0:5555"], "launch binds every shard to a free 127.0.0.1 port"),
+        (["--shard", "1"], "--shards N sets how many"),  # not taken as an abbreviation of --shards
+        (["--num-workers", "3"], "use --workers M"),
+    ],
+)
+def test_server_options_launch_does_not_take_are_usage_errors(capsys, argv, why):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["launch", *argv, "--", "true"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"dcasgd launch: error: {argv[0]} is not for dcasgd launch: " in err and why in err, err
+
+
+def test_checkpoints_and_resume_through_launch(tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    cmd = script(tmp_path, "resumable.py", RESUMABLE)
+    job = ["launch", "--shards", "2", "--mode", "async", "--lr", "0.5", "--checkpoint-dir", str(ckpt)]
+    assert cli.main([*job, "--", *cmd]) == 0
+    first = capsys.readouterr().out
+    assert "[worker0] resumed [None, None] versions [0, 0] -> [3, 3] w -1.5" in first, first
+    # One directory serves both shards: each wrote its last checkpoint when launch stopped it (SIGTERM).
+    assert sorted(p.name for p in ckpt.iterdir()) == ["shard0-v3.ckpt", "shard1-v3.ckpt"]
+
+    assert cli.main([*job, "--resume", "--", *cmd]) == 0
+    second = capsys.readouterr().out
+    assert "[worker0] resumed [3, 3] versions [3, 3] -> [6, 6] w -3.0" in second, second
+    assert sorted(p.name for p in ckpt.iterdir()) == [f"shard{s}-v{v}.ckpt" for s in (0, 1) for v in (3, 6)]
+    assert_all_gone(launched_pids(first) + launched_pids(second))
+
+
+def test_resume_without_a_checkpoint_names_the_shard(tmp_path, capsys):
+    argv = ["launch", "--checkpoint-dir", str(tmp_path / "empty"), "--resume", "--", "true"]
+    assert cli.main(argv) == 1
+    captured = capsys.readouterr()
+    assert "dcasgd launch: shard 0 exited before reporting its endpoint (exit code 2)" in captured.err, captured
+    assert "no checkpoint of shard 0" in captured.err, captured
+
+
+def free_port_pair() -> int:
+    """A port P such that P and P+1 were both free on 127.0.0.1 a moment ago."""
+    for _ in range(50):
+        with socket.socket() as first:
+            first.bind(("127.0.0.1", 0))
+            port = first.getsockname()[1]
+            if port >= 65535:
+                continue
+            with socket.socket() as second:
+                try:
+                    second.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+        return port
+    raise AssertionError("no two adjacent free ports on 127.0.0.1")
+
+
+def test_each_shard_serves_metrics_on_its_own_port(tmp_path, capsys, monkeypatch):
+    port = free_port_pair()
+    monkeypatch.setenv("METRICS_PORT", str(port))  # the scraping worker reads it
+    argv = ["launch", "--shards", "2", "--metrics-port", str(port), "--", *script(tmp_path, "scrape.py", SCRAPER)]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    for s in (0, 1):
+        assert f'[worker0] http://127.0.0.1:{port + s}/metrics dcasgd_version{{shard="{s}"}} 1.0' in out, out
+    assert_all_gone(launched_pids(out))
+
+
+def test_metrics_port_is_per_shard_in_local_cluster():
+    with pytest.raises(ValueError, match=r"must not set --metrics-port: use metrics_port= \(shard s gets"):
+        LocalCluster(["true"], server_args=["--metrics-port", "9100"])
+    with pytest.raises(ValueError, match="room for 2 shards"):
+        LocalCluster(["true"], shards=2, metrics_port=65535)
+
+
+def test_grace_is_the_time_between_sigterm_and_sigkill(tmp_path, capsys, monkeypatch):
+    # Worker 0 ignores SIGTERM; worker 1 fails once it has (a FIFO's open returns when both ends are open).
+    staged = """
+import os, signal, sys
+if os.environ["DCASGD_WORKER_ID"] == "0":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    open(os.environ["FIFO"], "w").close()
+    while True:
+        signal.pause()
+open(os.environ["FIFO"]).close()
+sys.exit(3)
+"""
+    os.mkfifo(tmp_path / "fifo")
+    monkeypatch.setenv("FIFO", str(tmp_path / "fifo"))
+    argv = ["launch", "--workers", "2", "--grace", "0.5", "--", *script(tmp_path, "staged.py", staged)]
+    assert cli.main(argv) == 3
+    out = capsys.readouterr().out
+    assert "[launch] worker 0 still ran 0.5 s after SIGTERM; sent SIGKILL" in out, out
+    assert_all_gone(launched_pids(out))
