@@ -81,6 +81,7 @@ class Client:
     ``wire_dtype``: what gradients and weights travel as, the job's choice
     (``dcasgd server --wire-dtype``): ``"float32"``, or ``"bfloat16"`` / ``"float16"`` for
     half the bytes (weights arrive rounded to that type, then widened to float32).
+    None (default) takes the job's; another value than the job's is refused.
 
     Usage::
 
@@ -105,12 +106,13 @@ class Client:
         context: zmq.Context | None = None,
         curve_key: str | os.PathLike[str] | None = None,
         server_key: str | os.PathLike[str] | None = None,
-        wire_dtype: str = "float32",
+        wire_dtype: str | None = None,
     ) -> None:
-        if wire_dtype not in protocol.WIRE_DTYPES:
+        if wire_dtype is not None and wire_dtype not in protocol.WIRE_DTYPES:
             raise ValueError(f"wire_dtype must be one of {', '.join(protocol.WIRE_DTYPES)}, got {wire_dtype!r}")
-        self.wire_dtype = wire_dtype
-        self._wire = getattr(torch, wire_dtype)
+        self._wire_asked = wire_dtype
+        self.wire_dtype = wire_dtype or "float32"  # the job's, once hello has told it
+        self._wire = getattr(torch, self.wire_dtype)
         self._send_buf: Tensor | None = None  # the gradient in the wire type, when it is not float32
         self._recv_buf: Tensor | None = None  # weights in the wire type, before widening
         self.versions: list[int] = []  # per shard, the version of the weights received last
@@ -177,12 +179,14 @@ class Client:
                     f"worker_id {self.worker_id} is out of range for a job of {info['num_workers']} workers"
                 )
             job_wire = info.get("wire_dtype", "float32")
-            if job_wire != self.wire_dtype:
+            if self._wire_asked not in (None, job_wire):
                 raise DcasgdError(
                     f"this job's wire type is {job_wire} (dcasgd server --wire-dtype), this worker's is "
-                    f"{self.wire_dtype}: pass wire_dtype={job_wire!r}"
+                    f"{self._wire_asked}: pass wire_dtype={job_wire!r}, or None to take the job's"
                 )
         self.shard_info = replies
+        self.wire_dtype = replies[0].get("wire_dtype", "float32")
+        self._wire = getattr(torch, self.wire_dtype)
         self._instances = [info.get("instance") for info in replies]
         if all(info["initialized"] for info in replies):
             self._adopt(replies[0]["n"], replies[0]["fp"])

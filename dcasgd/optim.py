@@ -28,6 +28,8 @@ import math
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -99,6 +101,20 @@ class DistributedOptimizer(torch.optim.Optimizer):
     ``dcasgd``, ``dcasgd-a`` or ``sync`` mode, as with ``torch.optim.SGD``; with
     server-side momentum it still drifts by the momentum the shards hold. Sparse
     gradients (``nn.Embedding(sparse=True)``) are densified on the worker.
+
+    ``overlap=True`` (async modes only): :meth:`step` gathers the gradient, hands the
+    round trip to a background sender and returns at once; the next forward and
+    backward run on the weights this worker holds while it is in flight, and the
+    next :meth:`step` loads the reply before it sends. Each gradient is then one
+    reply staler; the push names the weights it was computed on, so delay
+    compensation stays exact. An error of the background round trip is raised by
+    the next :meth:`step`, :meth:`pull`, :meth:`state_dict` or :meth:`close`;
+    :meth:`close` delivers the last push and loads its reply.
+
+    ``wire_dtype``: what gradients and weights travel as; None (default) takes the
+    job's (``dcasgd server --wire-dtype``), a value that differs from it is refused.
+    Over a ``"bfloat16"`` or ``"float16"`` wire the weights arrive rounded to that
+    type and the shards compensate against exactly those rounded weights.
     """
 
     def __init__(
@@ -114,6 +130,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
         num_workers: int | None = None,
         timeout: float = 30.0,
         init_timeout: float = 120.0,
+        overlap: bool = False,
+        wire_dtype: str | None = None,
     ) -> None:
         _check_lr(lr)
         if not weight_decay >= 0.0:
@@ -143,17 +161,39 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self._key = (tuple(job.servers), self.worker_id)
         _claim(self._key, self)
         try:
-            self.client = Client(job.servers, self.worker_id, timeout=timeout, fingerprint=self.layout.fingerprint)
+            self.client = Client(
+                job.servers, self.worker_id, timeout=timeout, fingerprint=self.layout.fingerprint, wire_dtype=wire_dtype
+            )
         except BaseException:
             _release(self._key, self)
             raise
         self._closed = False
+        self.overlap = bool(overlap)
+        self._sender: ThreadPoolExecutor | None = None
+        self._pending: Future[list[int]] | None = None  # the round trip in flight (overlap)
+        self._reply: list[int] | None = None  # versions of a reply that arrived and is not loaded yet
         try:
             self._check_job(job.num_workers)
+            if self.overlap and self.client.mode == "sync":
+                raise ValueError(
+                    "overlap=True needs an asynchronous mode (async, dcasgd, dcasgd-a): in sync mode every worker "
+                    "waits for the round anyway, and a gradient one step old would join the wrong round"
+                )
             self._on_gpu = any(p.device.type == "cuda" for p in self._params)
-            self._weights = torch.empty(self.layout.numel, pin_memory=self._on_gpu)
-            self._grads = torch.empty(self.layout.numel, pin_memory=self._on_gpu)
-            self._views = [self._slice(self._weights, i) for i in range(len(self._params))]
+            n = self.layout.numel
+            # Two weight buffers: the one the parameters hold, and (with overlap) the one the
+            # reply in flight lands in; they swap at each step, so nothing is copied on the host.
+            self._bufs = [torch.empty(n, pin_memory=self._on_gpu), torch.empty(n, pin_memory=self._on_gpu)]
+            self._held = 0  # index of the buffer the parameters hold
+            self._grads = torch.empty(n, pin_memory=self._on_gpu)
+            self._views = [[self._slice(b, i) for i in range(len(self._params))] for b in self._bufs]
+            self._versions: list[int] = []  # per shard, the version of the weights the parameters hold
+            self._stream = self._d2h = self._h2d = None
+            if self._on_gpu:
+                # Copies between the GPU and the pinned buffers run on a side stream, ordered with
+                # events: the device never waits for the host, the host only for its own copies.
+                self._stream = torch.cuda.Stream()
+                self._d2h, self._h2d = torch.cuda.Event(), torch.cuda.Event()
             self._has_grad = [False] * len(self._params)
             # (data_ptr, _version) of each parameter after this optimizer last wrote it: a write
             # by anyone else bumps the version (autograd's in-place counter), a conversion the pointer.
@@ -163,9 +203,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
                 self.client.init(self._weights, layout=self._layout_for_header())
             self.client.wait_initialized(init_timeout)
             self._check_job(job.num_workers)  # the model that initialized the job may be another one
-            for p, view in zip(self._params, self._views, strict=True):
-                if p.device.type == "cpu" and p.dtype == torch.float32 and p.is_contiguous():
-                    p.data = view  # the reply lands in the parameter itself
+            self._is_view = [
+                p.device.type == "cpu" and p.dtype == torch.float32 and p.is_contiguous() for p in self._params
+            ]  # the reply lands in the parameter itself
             self.pull()
         except BaseException:
             self.close()
@@ -189,13 +229,44 @@ class DistributedOptimizer(torch.optim.Optimizer):
                 loss = closure()
         lr = self._lr(when="at this step (a scheduler set them?)")
         self._check_unchanged()
+        if not self.overlap:
+            self._gather_grads()
+            self._round_trip(self._held, self._held, lr, keep=1)
+            self._scatter()
+            return loss
+        self._wait(reraise=True)  # the reply in flight (normally there already); _grads is free again
         self._gather_grads()
+        computed_on, base = self._held, self._versions  # what this gradient was computed on
+        if self._reply is not None:
+            self._load(1 - self._held, self._reply)
+        if self._sender is None:
+            self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dcasgd-sender")
+        # The reply lands in the buffer the parameters no longer hold (after weight decay has read it).
+        self._pending = self._sender.submit(self._round_trip, computed_on, 1 - self._held, lr, 2, base)
+        return loss
+
+    def _round_trip(
+        self, computed_on: int, into: int, lr: float, keep: int, base: list[int] | None = None
+    ) -> list[int]:
+        """Weight decay, push and pull: the reply lands in buffer ``into``. Returns its versions per shard.
+
+        Runs on the sender thread with overlap: it reads ``_grads`` and buffers ``computed_on``
+        and ``into`` only, which the caller's thread leaves alone until the round trip is over.
+        """
+        if self._d2h is not None:
+            self._d2h.synchronize()  # the gradient's copies to the host are done
+            self._h2d.synchronize()  # and the copies out of the buffer the reply will overwrite
+        self._add_weight_decay(self._bufs[computed_on])
+        self.client.push_pull(self._grads, lr=lr, out=self._bufs[into], base=base, keep=keep)
+        return list(self.client.versions)
+
+    def _add_weight_decay(self, weights: Tensor) -> None:
+        """``_grads += wd * weights`` for every parameter that has a gradient (per group's wd)."""
         for group, (first, end) in zip(self.param_groups, self._groups, strict=True):
             wd = group["weight_decay"]
             if wd == 0.0:
                 continue
             # One add per run of consecutive parameters that have a gradient (usually the whole group).
-            # The weights this worker holds are in _weights (what the shards last sent).
             i = first
             while i < end:
                 if not self._has_grad[i]:
@@ -205,11 +276,25 @@ class DistributedOptimizer(torch.optim.Optimizer):
                 while j < end and self._has_grad[j]:
                     j += 1
                 lo, hi = self.layout.offsets[i], self._end(j - 1)
-                self._grads[lo:hi].add_(self._weights[lo:hi], alpha=wd)
+                self._grads[lo:hi].add_(weights[lo:hi], alpha=wd)
                 i = j
-        self.client.push_pull(self._grads, lr=lr, out=self._weights)
-        self._scatter()
-        return loss
+
+    def _wait(self, reraise: bool) -> None:
+        """Wait for the round trip in flight, keeping its reply's versions for :meth:`_load`."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        try:
+            self._reply = pending.result()
+        except BaseException:
+            self._reply = None  # the buffer it was to land in holds nothing usable
+            if reraise:
+                raise
+
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer's state, as for any optimizer (after the round trip in flight, with overlap)."""
+        self._wait(reraise=True)
+        return super().state_dict()
 
     def pull(self) -> None:
         """Load the shards' current weights into the parameters (e.g. before evaluating).
@@ -217,10 +302,15 @@ class DistributedOptimizer(torch.optim.Optimizer):
         Also the way to drop changes made to the parameters since the last step.
         """
         self._check_open()
-        self._on_gpu = self._on_gpu or any(p.device.type == "cuda" for p in self._params)  # moved since?
-        if self._on_gpu:
-            torch.cuda.synchronize()  # the last copies out of _weights must be done before it is overwritten
+        self._wait(reraise=True)
+        self._reply = None  # superseded by what we pull now
+        if any(p.device.type == "cuda" for p in self._params) and self._stream is None:  # moved since?
+            self._on_gpu = True
+            self._stream, self._d2h, self._h2d = torch.cuda.Stream(), torch.cuda.Event(), torch.cuda.Event()
+        if self._h2d is not None:
+            self._h2d.synchronize()  # the last copies out of the buffer must be done before it is overwritten
         self.client.pull(out=self._weights)
+        self._versions = list(self.client.versions)
         self._scatter()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -234,12 +324,23 @@ class DistributedOptimizer(torch.optim.Optimizer):
         super().add_param_group(param_group)
 
     def close(self) -> None:
-        """Release the sockets. The optimizer cannot step or pull afterwards; closing twice is a no-op."""
+        """Deliver the push in flight (overlap) and load its reply, then release the sockets.
+
+        The optimizer cannot step or pull afterwards; closing twice is a no-op. An error of
+        the last round trip is raised after the sockets are released.
+        """
         if self._closed:
             return
         self._closed = True
-        self.client.close()
-        _release(self._key, self)
+        try:
+            self._wait(reraise=True)
+            if self._reply is not None:
+                self._load(1 - self._held, self._reply)
+        finally:
+            if self._sender is not None:
+                self._sender.shutdown(wait=True)
+            self.client.close()
+            _release(self._key, self)
 
     # --- internals ---------------------------------------------------------------------
 
@@ -270,43 +371,84 @@ class DistributedOptimizer(torch.optim.Optimizer):
         name = self.layout.names[i]
         return f"parameter {name!r}" if name else f"parameter #{i} (shape {list(self.layout.shapes[i])})"
 
+    @property
+    def _weights(self) -> Tensor:
+        """The flat float32 weights the parameters hold (what the shards last sent that was loaded)."""
+        return self._bufs[self._held]
+
+    def _on_side_stream(self) -> Any:
+        """A context that runs copies on the side stream after what the current stream queued so far."""
+        if self._stream is None:
+            return nullcontext()
+        self._stream.wait_stream(torch.cuda.current_stream())
+        return torch.cuda.stream(self._stream)
+
     def _gather_weights(self) -> None:
         """Copy every parameter into ``_weights`` (cast to float32)."""
-        for i, p in enumerate(self._params):
-            dst = self._slice(self._weights, i)
-            if p.data_ptr() != dst.data_ptr():
-                dst.copy_(p.detach(), non_blocking=True)
-        if self._on_gpu:
-            torch.cuda.synchronize()  # the copies into pinned memory must land before the send
+        with self._on_side_stream():
+            for i, p in enumerate(self._params):
+                dst = self._slice(self._weights, i)
+                if p.data_ptr() != dst.data_ptr():
+                    dst.copy_(p.detach(), non_blocking=True)
+        if self._stream is not None:
+            self._d2h.record(self._stream)
+            self._d2h.synchronize()  # the copies into pinned memory must land before the send
 
     def _gather_grads(self) -> None:
-        """Copy every gradient into ``_grads`` (cast to float32, densified); zeros where there is none."""
-        for i, p in enumerate(self._params):
-            dst = self._slice(self._grads, i)
-            g = p.grad
-            self._has_grad[i] = g is not None
-            if g is None:
-                dst.zero_()  # no gradient this step: we still owe the shards a full vector
-            elif g.layout == torch.sparse_coo:
-                # Densified into the flat buffer itself (only the gradient's rows travel to the host).
-                dst.zero_()
-                dst.add_(g.to(dst.device))
-            elif g.layout != torch.strided:
-                dst.copy_(g.to_dense())
-            else:
-                dst.copy_(g, non_blocking=True)
-        if self._on_gpu:
-            # The copies into pinned memory must land before the send, and the earlier
-            # non-blocking copies out of _weights must finish before the reply overwrites it.
-            torch.cuda.synchronize()
+        """Copy every gradient into ``_grads`` (cast to float32, densified); zeros where there is none.
+
+        On a GPU the copies are queued on the side stream (``_d2h`` says when they are done),
+        and the current stream waits for them before it runs anything queued later, so the
+        caller may zero or overwrite ``.grad`` as soon as this returns.
+        """
+        with self._on_side_stream():
+            for i, p in enumerate(self._params):
+                dst = self._slice(self._grads, i)
+                g = p.grad
+                self._has_grad[i] = g is not None
+                if g is None:
+                    dst.zero_()  # no gradient this step: we still owe the shards a full vector
+                    continue
+                if self._stream is not None and g.is_cuda:
+                    g.record_stream(self._stream)  # its memory is not reused before the copy ran
+                if g.layout == torch.sparse_coo:
+                    # Densified into the flat buffer itself (only the gradient's rows travel to the host).
+                    dst.zero_()
+                    dst.add_(g.to(dst.device))
+                elif g.layout != torch.strided:
+                    dst.copy_(g.to_dense())
+                else:
+                    dst.copy_(g, non_blocking=True)
+        if self._stream is not None:
+            self._d2h.record(self._stream)
+            torch.cuda.current_stream().wait_event(self._d2h)
+            if not self.overlap:
+                self._d2h.synchronize()
+
+    def _load(self, buffer: int, versions: list[int]) -> None:
+        """Make buffer ``buffer`` (a reply) the weights the parameters hold."""
+        self._held = buffer
+        self._versions = versions
+        self._reply = None
+        self._scatter()
 
     def _scatter(self) -> None:
-        """Load ``_weights`` into every parameter that is not a view of it, and stamp them all."""
-        with torch.no_grad():  # parameters are leaves that require grad: copy_ is an in-place op on them
-            for i, (p, view) in enumerate(zip(self._params, self._views, strict=True)):
-                if p.data_ptr() != view.data_ptr():
+        """Load ``_weights`` into the parameters (views of it are pointed at it), and stamp them all.
+
+        On a GPU the copies run on the side stream and the current stream waits for them (``_h2d``).
+        """
+        views = self._views[self._held]
+        with torch.no_grad(), self._on_side_stream():  # parameters are leaves that require grad
+            for i, (p, view) in enumerate(zip(self._params, views, strict=True)):
+                if self._is_view[i] and p.device.type == "cpu" and p.dtype == torch.float32 and p.is_contiguous():
+                    if p.data_ptr() != view.data_ptr():
+                        p.data = view  # a swap of buffers: the parameter is the reply itself
+                elif p.data_ptr() != view.data_ptr():
                     p.copy_(view, non_blocking=True)  # casts to p's dtype, moves to p's device
                 self._stamps[i] = (p.data_ptr(), p._version)
+        if self._stream is not None:
+            self._h2d.record(self._stream)
+            torch.cuda.current_stream().wait_event(self._h2d)
 
     def _check_unchanged(self) -> None:
         """Refuse to step when a parameter was written since :meth:`_scatter` (a model checkpoint loaded?)."""
@@ -318,7 +460,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
                 # New storage: a conversion (dtype, device, memory format) keeps the values we wrote;
                 # compared in p's dtype, so that the rounding of a narrower dtype does not count.
                 with torch.no_grad():
-                    same = torch.equal(p, self._views[i].to(p.device, p.dtype))
+                    same = torch.equal(p, self._views[self._held][i].to(p.device, p.dtype))
                 if same:
                     self._stamps[i] = stamp
                     self._on_gpu = self._on_gpu or p.device.type == "cuda"

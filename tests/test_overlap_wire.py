@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import ShardDriver
 
+import dcasgd
 from dcasgd import Client, DcasgdError, ServerError
 from dcasgd.client import NonFiniteGradient
 from dcasgd.rules import RuleConfig
@@ -113,8 +114,9 @@ def test_bfloat16_wire_end_to_end_halves_the_bytes(cluster_factory):
     n = 100_000
     with cluster_factory(2, 1, "dcasgd", "--wire-dtype", "bfloat16", "--lam", str(LAM)) as cl:
         with pytest.raises(DcasgdError, match="wire type is bfloat16.*pass wire_dtype='bfloat16'"):
-            Client(cl.endpoints, 0, timeout=10.0)
-        with Client(cl.endpoints, 0, timeout=10.0, wire_dtype="bfloat16") as c:
+            Client(cl.endpoints, 0, timeout=10.0, wire_dtype="float32")
+        with Client(cl.endpoints, 0, timeout=10.0) as c:  # takes the job's wire type
+            assert c.wire_dtype == "bfloat16"
             w0 = start_weights(n)
             c.init(w0)
             w = c.pull()
@@ -148,3 +150,84 @@ def test_a_float16_overflow_or_a_nan_is_refused_whole_and_changes_nothing(cluste
             assert [s["version"] for s in c.stats()] == [0, 0], "no shard applied any part of it"
             c.push_pull(torch.ones(N), lr=LR)  # the next good push goes through
             assert [s["version"] for s in c.stats()] == [1, 1]
+
+
+# --- DistributedOptimizer(overlap=True) -------------------------------------------------------
+
+
+def regression(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(64, 20, generator=gen)
+    return x, x @ torch.randn(20, 3, generator=gen) + 0.1 * torch.randn(64, 3, generator=gen)
+
+
+def reference_grad(w: torch.Tensor, b: torch.Tensor, x: torch.Tensor, y: torch.Tensor):
+    """The gradient of the test's loss in float64, at weights (w, b)."""
+    w, b = w.double().clone().requires_grad_(), b.double().clone().requires_grad_()
+    ((x.double() @ w.T + b - y.double()) ** 2).mean().backward()
+    return w.grad, b.grad
+
+
+def test_overlap_in_sync_mode_is_refused(cluster_factory):
+    with cluster_factory(1, 1, "sync") as cl:
+        model = torch.nn.Linear(20, 3)
+        with pytest.raises(ValueError, match="overlap=True needs an asynchronous mode"):
+            dcasgd.DistributedOptimizer(model.parameters(), lr=0.1, servers=cl.endpoints, worker_id=0,
+                                        num_workers=1, overlap=True)  # fmt: skip
+        # The refused optimizer released its id: a plain one can be built.
+        dcasgd.DistributedOptimizer(model.parameters(), lr=0.1, servers=cl.endpoints, worker_id=0,
+                                    num_workers=1).close()  # fmt: skip
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("shards", [1, 2])
+def test_overlapped_steps_equal_one_step_delayed_sgd(cluster_factory, shards):
+    lr, wd, steps = 0.05, 0.01, 12
+    x, y = regression()
+    with cluster_factory(shards, 1, "async") as cl:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(20, 3)
+        w, b = model.weight.detach().double().clone(), model.bias.detach().double().clone()
+        opt = dcasgd.DistributedOptimizer(model.parameters(), lr=lr, weight_decay=wd, servers=cl.endpoints,
+                                          worker_id=0, num_workers=1, overlap=True)  # fmt: skip
+        held = (w.clone(), b.clone())  # what the worker computes on: one reply behind the shards
+        for step in range(steps):
+            opt.zero_grad()
+            ((model(x) - y) ** 2).mean().backward()
+            torch.testing.assert_close(model.weight.detach().double(), held[0], rtol=0, atol=1e-6, msg=f"{step}")
+            gw, gb = reference_grad(*held, x, y)
+            gw, gb = gw + wd * held[0], gb + wd * held[1]  # weight decay of the weights it was computed on
+            opt.step()
+            held = (w.clone(), b.clone())  # step() loaded the reply of the previous push
+            w, b = w - lr * gw, b - lr * gb
+            for p in model.parameters():
+                p.grad.fill_(float("nan"))  # overwriting .grad right after step() must not reach the shards
+        opt.close()  # delivers the last push and loads its reply
+        torch.testing.assert_close(model.weight.detach().double(), w, rtol=0, atol=1e-6)
+        torch.testing.assert_close(model.bias.detach().double(), b, rtol=0, atol=1e-6)
+        with Client(cl.endpoints, 0, timeout=10.0) as c:
+            assert [s["version"] for s in c.stats()] == [steps] * shards
+            assert dict(c.stats()[0]["staleness"]) == {0: 1, 1: steps - 1}
+
+
+@pytest.mark.timeout(90)
+def test_a_background_error_surfaces_at_the_next_call_and_pull_waits(cluster_factory):
+    x, y = regression()
+    with cluster_factory(1, 1, "dcasgd-a") as cl:
+        model = torch.nn.Linear(20, 3)
+        opt = dcasgd.DistributedOptimizer(model.parameters(), lr=0.05, servers=cl.endpoints, worker_id=0,
+                                          num_workers=1, overlap=True)  # fmt: skip
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+        opt.pull()  # waits for the round trip in flight, then loads the shards' weights
+        assert opt.client.versions == [1]
+        model.weight.grad[0, 0] = float("nan")
+        opt.step()  # returns at once: the refusal happens on the sender thread
+        with pytest.raises(NonFiniteGradient, match="NaN or Inf"):
+            opt.step()
+        model.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()  # the optimizer goes on after the error
+        assert opt.state_dict()["param_groups"][0]["lr"] == 0.05  # waits for the round trip too
+        assert opt.client.stats()[0]["version"] == 2
+        opt.close()
