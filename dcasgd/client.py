@@ -12,6 +12,7 @@ names the shard that did not answer.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import random
 import time
@@ -28,6 +29,8 @@ from .env import WORKER_ID, JobConfigError, parse_servers, worker_id_from_enviro
 from .layout import flat_fingerprint, shard_ranges
 from .memory import keep_freed_memory
 from .security import ENV_KEY, ENV_SERVER_KEY, client_keys
+
+log = logging.getLogger("dcasgd.client")
 
 _COPY_THRESHOLD = 64 * 1024  # below this ZeroMQ copies anyway, and tracking costs more than it saves
 _HANDSHAKE_FAILED = (
@@ -361,6 +364,8 @@ class Client:
             header["lr"] = float(lr)
         if op == "push_pull":
             header["keep"] = keep
+        if base is None and len(self.versions) == self.num_shards:
+            base = self.versions  # the weights this worker holds, so a restarted shard can tell
         per_shard = None if base is None else [{"base": int(v)} for v in base]
         if out is None:
             return self._recovering(op, header, payload=payload, per_shard=per_shard)
@@ -393,11 +398,16 @@ class Client:
 
         A shard that stops answering is asked again (hello, with backoff) for up to
         ``reconnect_timeout`` seconds. Requests name the shard instance they mean; a
-        restarted shard refuses them (``restarted``), and then this worker says hello,
-        pulls (so the shard's backup is what the worker holds) and sends the same
-        request again, same seq: shards that already applied it answer it as a duplicate.
+        restarted shard refuses them (``restarted``), and then this worker says hello and
+        sends the same request again, same seq and same ``base``: shards that already
+        applied it answer it as a duplicate, and a shard resumed from a checkpoint
+        compensates against the backup the checkpoint recorded for this worker. If that
+        checkpoint does not hold the weights the gradient was computed on (``bad_base``,
+        ``no_weights``), the gradient cannot be compensated: it is dropped (logged), and the
+        worker pulls fresh weights instead.
         """
         deadline = time.monotonic() + self.reconnect_timeout
+        recovered = False
         while True:
             headers = [
                 {**header, **(per_shard[s] if per_shard else {}), **({"instance": inst} if inst else {})}
@@ -406,15 +416,29 @@ class Client:
             try:
                 return self._call_all(op, headers, **kw)
             except (ShardTimeout, ServerError) as exc:
+                lost = (protocol.BAD_BASE, protocol.NO_WEIGHTS)
+                if recovered and isinstance(exc, ServerError) and exc.code in lost and op in protocol.PUSH_OPS:
+                    return self._drop_after_restart(op, exc, header.get("keep", 1), kw.get("out"))
                 if isinstance(exc, ServerError) and exc.code not in (protocol.RESTARTED, protocol.NOT_INITIALIZED):
                     raise
                 if time.monotonic() > deadline:
                     raise
                 self._await_shards(deadline)
-                if op != "pull":
-                    scratch = torch.empty(self.n, dtype=self._wire)  # rare: one model-size buffer per restart
-                    self._call_all("pull", [{"fp": self.fingerprint, "instance": i} for i in self._instances],
-                                   out=scratch)  # fmt: skip
+                recovered = True
+
+    def _drop_after_restart(self, op: str, exc: ServerError, keep: int, out: Tensor | None) -> list[dict[str, Any]]:
+        """A restarted shard cannot compensate this gradient: pull fresh weights instead of pushing it."""
+        log.warning(
+            "worker %d: shard %d restarted from a checkpoint without the weights this gradient was computed on "
+            "(%s); the gradient is dropped and fresh weights are pulled",
+            self.worker_id,
+            exc.shard,
+            exc.code,
+        )
+        into = out if out is not None else torch.empty(self.n, dtype=self._wire)  # rare: once per restart
+        headers = [{"fp": self.fingerprint, "keep": keep, "instance": i} for i in self._instances]
+        replies = self._call_all("pull", headers, out=into)
+        return [{**r, "dropped": True} for r in replies]
 
     def _await_shards(self, deadline: float) -> None:
         """Say hello until every shard answers with weights, backing off up to 2 s between tries."""

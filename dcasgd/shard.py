@@ -364,7 +364,10 @@ class ShardState:
             if repeat is not None:
                 return [repeat]
             fields = {"duplicate": True, "applied_seq": self.last_seq[worker]}
-            return [self._remember(worker, (req.rid, req.op), self._push_reply(worker, want, fields))]
+            # This answer replaces one the worker may never have received: the weights it computes
+            # on next are still the ones it had before, so they stay kept (keep == 2).
+            reply = self._push_reply(worker, want, fields, req.keep, replaces=True)
+            return [self._remember(worker, (req.rid, req.op), reply)]
         if grad.dtype != torch.float32:  # a half-size wire: the rules run in float32
             if self._grad32 is None:
                 self._grad32 = torch.empty(self.size)
@@ -526,15 +529,24 @@ class ShardState:
             old[1].snapshot.refs -= 1
         return reply
 
-    def _push_reply(self, worker: int, want_weights: bool, fields: dict[str, Any], keep: int = 1) -> Reply:
+    def _push_reply(
+        self, worker: int, want_weights: bool, fields: dict[str, Any], keep: int = 1, replaces: bool = False
+    ) -> Reply:
         if want_weights:
-            return self._weights_reply(worker, fields, keep)
+            return self._weights_reply(worker, fields, keep, replaces)
         return Reply(worker, {"version": self.version, **fields})
 
-    def _weights_reply(self, worker: int, fields: dict[str, Any], keep: int = 1) -> Reply:
+    def _weights_reply(self, worker: int, fields: dict[str, Any], keep: int = 1, replaces: bool = False) -> Reply:
+        """The current weights for ``worker``; they become its newest backup.
+
+        ``keep == 2``: the newest backup so far becomes the previous one (the worker computes
+        its next gradient on it), unless this answer ``replaces`` an answer the worker may have
+        lost; then the previous one stays.
+        """
         snap = self._snapshot()
         newest = self.backup[worker]
-        if self.received_version[worker] != snap.version or keep == 1:
+        shift = self.received_version[worker] != snap.version or keep == 1
+        if shift and not (keep == 2 and replaces):
             # keep == 2: the weights sent last become the previous ones; keep == 1 lets them go.
             moved = keep == 2 and self.received_version[worker] is not None
             self._set_previous(worker, newest if moved else None)
