@@ -213,30 +213,26 @@ def test_overlap_makes_every_push_one_round_staler_with_equal_compute(m):
 @pytest.mark.parametrize("mode", ["dcasgd", "dcasgd-a"])
 def test_overlapped_pushes_name_the_weights_before_the_newest_and_dc_uses_them(monkeypatch, mode):
     # From its second push on, an overlapped worker computes on the weights sent before the newest:
-    # every push names that version with keep=2, the shard keeps it (no bad_base), and the backup
-    # the shard compensates against is bit for bit the weights the worker computed on.
+    # every push names that version with keep=2, the shard keeps it (check() raises bad_base
+    # otherwise), and the backup the shard compensates against is bit for bit that version.
     m, shards = 3, 2
     seen = {"pushes": 0, "previous": 0}
-    check, push = ShardState.check, ShardState.push
-    held: dict[tuple[int, int], torch.Tensor] = {}  # (shard, worker) -> the weights of the base
-
-    def spying_check(self, req):
-        check(self, req)  # raises ProtocolError (bad_base) if the named version is not kept
-        if req.op == "push_pull":
-            assert req.keep == 2 and req.base is not None
-            if req.base == self.previous_version[req.worker] and req.base != self.received_version[req.worker]:
-                seen["previous"] += 1
-                held[(self.config.shard, req.worker)] = self.previous[req.worker].tensor.clone()
+    push = ShardState.push
+    versions: dict[tuple[int, int], torch.Tensor] = {}  # (shard, version) -> its weights
 
     def spying_push(self, req, grad, now):
         seen["pushes"] += 1
-        key = (self.config.shard, req.worker)
-        if key in held:
-            assert self.previous[req.worker].version == req.base
-            assert torch.equal(self.previous[req.worker].tensor, held.pop(key))
-        return push(self, req, grad, now)
+        versions.setdefault((self.config.shard, 0), self.w.clone())  # the initial weights
+        assert req.keep == 2 and req.base is not None
+        newest = req.base == self.received_version[req.worker]
+        seen["previous"] += not newest
+        held = (self.backup if newest else self.previous)[req.worker]
+        assert held.version == req.base
+        assert torch.equal(held.tensor, versions[(self.config.shard, req.base)])
+        replies = push(self, req, grad, now)
+        versions[(self.config.shard, self.version)] = self.w.clone()
+        return replies
 
-    monkeypatch.setattr(ShardState, "check", spying_check)
     monkeypatch.setattr(ShardState, "push", spying_push)
     result = run(workers=m, mode=mode, shards=shards, overlap=True, compute="jitter")
     assert seen["pushes"] == shards * result.gradients
