@@ -272,7 +272,7 @@ def plot(rows: list[dict], runs: list[dict], args: argparse.Namespace, out: Path
         )
     ax.set_xscale("log", base=2)
     ax.set_xticks(args.workers, [str(m) for m in args.workers])
-    ax.set_xlabel("workers M (steady-state staleness M-1)")
+    ax.set_xlabel("workers M (steady-state staleness M-1" + ("; 2M-1 with overlap)" if args.overlap else ")"))
     ax.set_ylabel("final test accuracy")
     ax.set_ylim(0.0, 1.0)
     ax.set_title(f"Staleness study ({setting})", fontsize=9)
