@@ -21,6 +21,15 @@ staleness_curves.png (test accuracy vs gradients pushed at M=16).
 
     python benchmarks/staleness.py            # the full study (about a minute on 2 cores)
     python benchmarks/staleness.py --quick    # fewer seeds and M: 63 runs instead of 130
+
+What overlap costs: ``--overlap`` runs every chosen asynchronous method a second time with
+overlapped workers (``SimConfig(overlap=True)``, as ``DistributedOptimizer(overlap=True)``: each
+gradient is computed on the weights of the reply before last, so it is one round of its worker
+staler; the push names that version and the shard compensates against it), as "<method> +
+overlap" beside it, and prints the cost per method and M. SSGD refuses overlap and runs once.
+``--methods`` picks methods (SGD, the reference, always runs):
+
+    python benchmarks/staleness.py --overlap --methods ASGD DC-ASGD-a --workers 4 8 16
 """
 
 from __future__ import annotations
@@ -60,6 +69,17 @@ METHODS = {  # name -> SimConfig fields
     "DC-ASGD-a per-parameter": {"mode": "dcasgd-a", "compensation": "per-parameter"},
 }
 ABLATION = "DC-ASGD-a per-parameter"
+OVERLAP = " + overlap"  # suffix of a method run with overlapped workers
+
+
+def methods_for(args: argparse.Namespace) -> dict[str, dict]:
+    """The methods of this study, in table order: each chosen one and, with --overlap, its overlapped twin."""
+    out = {}
+    for name in args.methods:
+        out[name] = METHODS[name]
+        if args.overlap and METHODS[name]["mode"] != "sync":
+            out[name + OVERLAP] = {**METHODS[name], "overlap": True}
+    return out
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -80,6 +100,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--straggler-k", type=float, default=4.0, help="how many times slower a straggler is")
     ap.add_argument("--stragglers", type=int, default=1, help="how many workers straggle")
     ap.add_argument("--momentum", type=float, default=0.0, help="server-side momentum")
+    ap.add_argument(
+        "--methods", nargs="+", choices=list(METHODS), default=list(METHODS), help="methods besides SGD (default: all)"
+    )
+    ap.add_argument(
+        "--overlap",
+        action="store_true",
+        help="also run each chosen async method with overlapped workers, side by side (SSGD refuses overlap)",
+    )
     ap.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)), help="processes (default: cores)")
     ap.add_argument("--out", type=Path, default=Path("results/staleness"), help="results folder")
     args = ap.parse_args(argv)
@@ -87,6 +115,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, QUICK.get(key, value) if args.quick else value)
     args.workers = sorted(set(args.workers))
+    args.methods = [name for name in METHODS if name in args.methods]  # table order, no repeats
     if args.seeds < 1:
         ap.error("--seeds must be >= 1")
     return args
@@ -121,7 +150,7 @@ def _plan(args: argparse.Namespace) -> list[tuple[str, int, SimConfig]]:
     for seed in range(args.seeds):
         plan.append((SEQUENTIAL, 1, config(1, seed, mode="async")))
         for m in args.workers:
-            for name, fields in METHODS.items():
+            for name, fields in methods_for(args).items():
                 plan.append((name, m, config(m, seed, **fields)))
     return plan
 
@@ -131,7 +160,9 @@ def summarize(runs: list[dict]) -> list[dict]:
     groups: dict[tuple[str, int], list[dict]] = {}
     for run in runs:
         groups.setdefault((run["method"], run["workers"]), []).append(run)
-    order = [SEQUENTIAL, *METHODS]
+    order = [SEQUENTIAL]
+    for name in METHODS:
+        order += [name, name + OVERLAP]
     rows = []
     for (method, m), group in sorted(groups.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1])):
         acc = [r["result"]["final_accuracy"] for r in group]
@@ -153,11 +184,11 @@ def summarize(runs: list[dict]) -> list[dict]:
 
 def format_table(rows: list[dict]) -> str:
     lines = [
-        f"{'method':<24} {'M':>3} {'seeds':>5} {'mean acc':>9} {'std':>7} {'min':>7} {'max':>7} {'staleness':>9}",
+        f"{'method':<34} {'M':>3} {'seeds':>5} {'mean acc':>9} {'std':>7} {'min':>7} {'max':>7} {'staleness':>9}",
     ]
     for r in rows:
         lines.append(
-            f"{r['method']:<24} {r['workers']:>3} {r['seeds']:>5} {r['mean']:>9.4f} {r['std']:>7.4f} "
+            f"{r['method']:<34} {r['workers']:>3} {r['seeds']:>5} {r['mean']:>9.4f} {r['std']:>7.4f} "
             f"{r['min']:>7.4f} {r['max']:>7.4f} {r['mean_staleness']:>9.2f}"
         )
     return "\n".join(lines)
@@ -169,15 +200,37 @@ def verdict(rows: list[dict], focus: int = FOCUS_M) -> dict | None:
     if (SEQUENTIAL, 1) not in mean or ("DC-ASGD-a", focus) not in mean:
         return None
     sgd = mean[(SEQUENTIAL, 1)]
-    gaps = {name: sgd - mean[(name, focus)] for name in METHODS if (name, focus) in mean}
+    gaps = {name: sgd - m for (name, workers), m in mean.items() if workers == focus and name != SEQUENTIAL}
     dca = abs(gaps["DC-ASGD-a"])
     return {
         "workers": focus,
         "sgd_mean": sgd,
         "gap_to_sgd": gaps,
-        "dcasgd_a_closer_than_asgd": dca < abs(gaps["ASGD"]),
-        "dcasgd_a_closer_than_ablation": dca < abs(gaps[ABLATION]),
+        "dcasgd_a_closer_than_asgd": dca < abs(gaps["ASGD"]) if "ASGD" in gaps else None,
+        "dcasgd_a_closer_than_ablation": dca < abs(gaps[ABLATION]) if ABLATION in gaps else None,
     }
+
+
+def overlap_cost(rows: list[dict]) -> list[dict]:
+    """For each method run with and without overlap, per M: both mean accuracies and the cost (without - with)."""
+    by = {(r["method"], r["workers"]): r for r in rows}
+    out = []
+    for (name, m), with_ in by.items():
+        if not name.endswith(OVERLAP) or (name[: -len(OVERLAP)], m) not in by:
+            continue
+        without = by[(name[: -len(OVERLAP)], m)]
+        out.append(
+            {
+                "method": name[: -len(OVERLAP)],
+                "workers": m,
+                "without": without["mean"],
+                "with": with_["mean"],
+                "cost": without["mean"] - with_["mean"],
+                "staleness_without": without["mean_staleness"],
+                "staleness_with": with_["mean_staleness"],
+            }
+        )
+    return out
 
 
 def asgd_loss(rows: list[dict]) -> dict[int, float]:
@@ -201,20 +254,25 @@ def plot(rows: list[dict], runs: list[dict], args: argparse.Namespace, out: Path
     ax.axhline(sgd["mean"], color="black", lw=1.2, label=f"{SEQUENTIAL} (sequential)")
     ax.axhspan(sgd["mean"] - sgd["std"], sgd["mean"] + sgd["std"], color="black", alpha=0.08)
     markers = dict(zip(METHODS, "osD^v", strict=True))
-    for name in METHODS:
+    colors = {name: f"C{i}" for i, name in enumerate(METHODS)}
+    for name in methods_for(args):
         pts = [r for r in rows if r["method"] == name]
+        overlapped = name.endswith(OVERLAP)
+        base = name.removesuffix(OVERLAP)
         ax.errorbar(
             [r["workers"] for r in pts],
             [r["mean"] for r in pts],
             yerr=[r["std"] for r in pts],
-            marker=markers[name],
+            marker=markers[base],
+            mfc="none" if overlapped else None,
+            color=colors[base],
             capsize=3,
             label=name,
-            ls="--" if name == ABLATION else "-",
+            ls=":" if overlapped else ("--" if name == ABLATION else "-"),
         )
     ax.set_xscale("log", base=2)
     ax.set_xticks(args.workers, [str(m) for m in args.workers])
-    ax.set_xlabel("workers M (steady-state staleness M-1)")
+    ax.set_xlabel("workers M (steady-state staleness M-1" + ("; 2M-1 with overlap)" if args.overlap else ")"))
     ax.set_ylabel("final test accuracy")
     ax.set_ylim(0.0, 1.0)
     ax.set_title(f"Staleness study ({setting})", fontsize=9)
@@ -227,7 +285,7 @@ def plot(rows: list[dict], runs: list[dict], args: argparse.Namespace, out: Path
 
     focus = FOCUS_M if FOCUS_M in args.workers else max(args.workers)
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    for name in [SEQUENTIAL, *METHODS]:
+    for name in [SEQUENTIAL, *methods_for(args)]:
         group = [r for r in runs if r["method"] == name and r["workers"] == (1 if name == SEQUENTIAL else focus)]
         if not group:
             continue
@@ -261,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"staleness study: {len(plan)} runs, M in {args.workers}, {args.seeds} seed(s), lr {args.lr}, "
         f"batch {args.batch_size}, hidden {args.hidden}, {args.epochs:g} epochs, compute {args.compute}, "
-        f"{args.jobs} process(es)",
+        f"{args.jobs} process(es), methods {', '.join(args.methods)}"
+        + (" with and without overlap" if args.overlap else ""),
         flush=True,
     )
     configs = [c for _, _, c in plan]
@@ -292,9 +351,16 @@ def main(argv: list[str] | None = None) -> int:
             f"At M={v['workers']} (SGD {v['sgd_mean']:.4f}), gap to SGD: "
             + ", ".join(f"{name} {gap:+.4f}" for name, gap in gaps.items())
         )
+        said = {True: "yes", False: "NO", None: "not run"}
         print(
-            f"DC-ASGD-a ends closer to SGD than ASGD: {'yes' if v['dcasgd_a_closer_than_asgd'] else 'NO'}; "
-            f"than the per-parameter ablation: {'yes' if v['dcasgd_a_closer_than_ablation'] else 'NO'}"
+            f"DC-ASGD-a ends closer to SGD than ASGD: {said[v['dcasgd_a_closer_than_asgd']]}; "
+            f"than the per-parameter ablation: {said[v['dcasgd_a_closer_than_ablation']]}"
+        )
+    cost = overlap_cost(rows)
+    for c in cost:
+        print(
+            f"overlap costs {c['method']} at M={c['workers']}: {c['without']:.4f} -> {c['with']:.4f} "
+            f"({c['cost']:+.4f}), mean staleness {c['staleness_without']:.2f} -> {c['staleness_with']:.2f}"
         )
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -302,12 +368,13 @@ def main(argv: list[str] | None = None) -> int:
     doc = {
         "benchmark": "staleness",
         "settings": settings,
-        "methods": {SEQUENTIAL: {"mode": "async", "workers": 1}, **METHODS},
+        "methods": {SEQUENTIAL: {"mode": "async", "workers": 1}, **methods_for(args)},
         "environment": {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine()},
         "wall_seconds": wall,
         "summary": rows,
         "asgd_loss_by_workers": {str(m): g for m, g in loss.items()},
         "verdict": v,
+        "overlap_cost": cost,
         "runs": runs,
     }
     json_path = args.out / "staleness.json"

@@ -27,6 +27,16 @@ split, ``data_seed`` 0 by default, the same for every ``seed``). Every worker sa
 to 64 workers a per-worker share (21 samples) would be smaller than a batch, and sampling the
 same distribution everywhere keeps data partitioning out of a study of staleness.
 
+Overlap (``overlap=True``, async modes only) is what ``DistributedOptimizer(overlap=True)``
+does: the reply of a push is loaded only at the worker's next step, after that step's gradient
+was computed, so every gradient is computed on the weights of the reply before last (at first,
+twice on the pulled weights) and its push names their version (``base``, per shard) and asks the
+shard to keep two (``keep=2``), so delay compensation is against exactly those weights. The
+simulator has no communication time, so overlap hides nothing here and changes only which
+weights a gradient sees: one round of the worker older, so with ``equal`` compute every push is
+2M-1 versions stale in steady state (as without overlap at 2M workers). Sync mode refuses it
+(as the optimizer does: a gradient one step old would join the wrong round).
+
 Budget: ``epochs`` counts gradients, not updates: the run ends after
 ``round(epochs * len(train) / batch_size)`` gradients have been pushed (in sync mode, rounded
 down to whole rounds of M), whatever M is. Gradients still being computed then are dropped.
@@ -74,7 +84,8 @@ class SimConfig:
     ``"per-worker"`` (the paper) or ``"per-parameter"`` (the ablation; DC modes only).
     ``eval_every``: virtual time between test-accuracy records in ``history`` (0: only the
     start and the end). ``weight_decay`` is added to the gradient on the worker, as
-    ``torch.optim.SGD`` does.
+    ``torch.optim.SGD`` does. ``overlap``: overlapped workers (see the module doc; not in
+    sync mode).
     """
 
     workers: int = 4
@@ -97,6 +108,7 @@ class SimConfig:
     eval_every: float = 0.0
     weight_decay: float = 0.0
     data_seed: int = 0
+    overlap: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.workers <= MAX_WORKERS:
@@ -125,6 +137,11 @@ class SimConfig:
             raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
         if not self.weight_decay >= 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.overlap and self.mode == "sync":
+            raise ValueError(
+                "overlap=True needs an asynchronous mode (async, dcasgd, dcasgd-a): in sync mode every worker "
+                "waits for the round anyway, and a gradient one step old would join the wrong round"
+            )
         _ = self.rules  # RuleConfig validates lr, lam, lam0, ms_decay and momentum
 
     @property
@@ -314,6 +331,8 @@ class _Shards:
         self.rid = [0] * config.workers
         self.seq = [0] * config.workers
         self.received = [0] * config.workers  # shards that answered the worker's pending push
+        # per worker, the version each shard sent with its last reply to that worker
+        self.versions = [[0] * config.shards for _ in range(config.workers)]
 
     def _next_rid(self, worker: int) -> int:
         self.rid[worker] += 1
@@ -344,9 +363,22 @@ class _Shards:
             state.check(req)
             reply = state.pull(worker, req.rid)
             out[lo:hi].copy_(reply.snapshot.tensor)
+            self.versions[worker][state.config.shard] = reply.snapshot.version
 
-    def push_pull(self, worker: int, grad: Tensor, lr: float, now: float, weights: list[Tensor]) -> list[int]:
+    def push_pull(
+        self,
+        worker: int,
+        grad: Tensor,
+        lr: float,
+        now: float,
+        weights: list[Tensor],
+        base: list[int] | None = None,
+        keep: int = 1,
+    ) -> list[int]:
         """Push ``grad`` to every shard; copy replies into ``weights[m]`` of whoever they answer.
+
+        ``base``: per shard, the version the gradient was computed on (None: the newest sent);
+        ``keep``: as :attr:`dcasgd.protocol.Request.keep` (2 for an overlapped worker).
 
         Returns the workers that now have an answer from every shard (async: ``worker``; sync:
         every member of a round that this push completed; or nobody while a round waits).
@@ -363,11 +395,14 @@ class _Shards:
                 fp=self.fp,
                 nbytes=(hi - lo) * ITEMSIZE,
                 lr=lr,
+                base=None if base is None else base[state.config.shard],
+                keep=keep,
             )
             state.check(req)
             for reply in state.push(req, grad[lo:hi], now):
                 m = reply.worker
                 weights[m][lo:hi].copy_(reply.snapshot.tensor)
+                self.versions[m][state.config.shard] = reply.snapshot.version
                 self.received[m] += 1
                 if self.received[m] == len(self.states):
                     self.received[m] = 0
@@ -436,13 +471,17 @@ def simulate(config: SimConfig) -> SimResult:
     batches = [_Batches(len(y_train), config.batch_size, config.seed, m) for m in range(workers)]
 
     shards.init(0, model.init(torch.Generator().manual_seed(config.seed)))
-    weights = [torch.empty(model.numel) for _ in range(workers)]
+    weights = [torch.empty(model.numel) for _ in range(workers)]  # what each worker computes on
+    # Overlap: the reply in flight lands in incoming[m]; the next step swaps it in after computing.
+    incoming = [torch.empty(model.numel) for _ in range(workers)] if config.overlap else weights
+    in_flight = [False] * workers
     grad = torch.empty(model.numel)  # the shards read it during push and keep no reference
     events: list[tuple[float, int]] = []  # (time the worker's batch is done, worker)
     for m in range(workers):
         shards.pull(m, weights[m])
         heapq.heappush(events, (clock.draw(m), m))
 
+    held = [list(shards.versions[m]) for m in range(workers)]  # versions of weights[m], per shard
     history = [(0.0, 0, model.accuracy(shards.weights(), x_test, y_test))]
     next_eval = config.eval_every if config.eval_every > 0 else math.inf
     now = 0.0
@@ -455,7 +494,14 @@ def simulate(config: SimConfig) -> SimResult:
         model.grad(weights[m], x_train[batch], y_train[batch], grad)
         if config.weight_decay > 0:
             grad.add_(weights[m], alpha=config.weight_decay)
-        for r in shards.push_pull(m, grad, config.lr, now, weights):
+        base, keep = None, 1
+        if config.overlap:
+            base, keep = held[m], 2
+            if in_flight[m]:  # load the reply of the previous push; the next gradient uses it
+                weights[m], incoming[m] = incoming[m], weights[m]
+                held[m] = list(shards.versions[m])
+            in_flight[m] = True
+        for r in shards.push_pull(m, grad, config.lr, now, incoming, base, keep):
             heapq.heappush(events, (now + clock.draw(r), r))
 
     final_w = shards.weights().clone()

@@ -95,3 +95,47 @@ def test_throughput_quick_keeps_what_is_given():
     assert (quick.sizes, quick.modes, quick.shards, quick.repeats) == ([1_000_000], ["async", "dcasgd-a"], [1], 10)
     assert throughput.parse_args(["--quick", "--modes", "sync", "--repeats", "3"]).modes == ["sync"]
     assert throughput.parse_args(["--quick", "--repeats", "3"]).repeats == 3
+
+
+@pytest.mark.timeout(120)
+def test_staleness_overlap_runs_each_async_method_with_and_without_overlap(tmp_path):
+    out = tmp_path / "staleness"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "staleness.py"), "--overlap"]
+    cmd += ["--methods", "SSGD", "ASGD", "DC-ASGD-a", "--workers", "2", "--seeds", "1", "--epochs", "0.3"]
+    cmd += ["--jobs", "1", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=110, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    doc = json.loads((out / "staleness.json").read_text())
+    # SGD, then SSGD once (sync refuses overlap), ASGD and DC-ASGD-a each without and with overlap
+    assert [r["method"] for r in doc["runs"]] == [
+        "SGD", "SSGD", "ASGD", "ASGD + overlap", "DC-ASGD-a", "DC-ASGD-a + overlap"
+    ]  # fmt: skip
+    for r in doc["runs"]:
+        assert r["result"]["config"]["overlap"] == r["method"].endswith(" + overlap")
+        assert r["result"]["config"]["mode"] == {"SGD": "async", "SSGD": "sync", "ASGD": "async"}.get(
+            r["method"].removesuffix(" + overlap"), "dcasgd-a"
+        )
+    stale = {r["method"]: r["result"]["max_staleness"] for r in doc["runs"]}
+    assert stale["ASGD"] == stale["DC-ASGD-a"] == 1 and stale["ASGD + overlap"] == stale["DC-ASGD-a + overlap"] == 3
+    cost = {c["method"]: c for c in doc["overlap_cost"]}
+    assert set(cost) == {"ASGD", "DC-ASGD-a"} and all(c["workers"] == 2 for c in cost.values())
+    assert cost["ASGD"]["cost"] == pytest.approx(cost["ASGD"]["without"] - cost["ASGD"]["with"])
+    assert "overlap costs ASGD at M=2" in done.stdout and "DC-ASGD-a + overlap" in done.stdout
+    assert (out / "staleness.png").read_bytes().startswith(PNG_MAGIC)
+
+
+@pytest.mark.timeout(30)
+def test_staleness_methods_and_overlap_options():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import staleness
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert staleness.parse_args([]).methods == list(staleness.METHODS) and not staleness.parse_args([]).overlap
+    args = staleness.parse_args(["--overlap", "--methods", "DC-ASGD-a", "ASGD", "ASGD"])
+    assert args.methods == ["ASGD", "DC-ASGD-a"]  # table order, once each
+    assert list(staleness.methods_for(args)) == ["ASGD", "ASGD + overlap", "DC-ASGD-a", "DC-ASGD-a + overlap"]
+    assert staleness.methods_for(args)["DC-ASGD-a + overlap"] == {"mode": "dcasgd-a", "overlap": True}
+    assert list(staleness.methods_for(staleness.parse_args(["--methods", "SSGD", "--overlap"]))) == ["SSGD"]
+    with pytest.raises(SystemExit):
+        staleness.parse_args(["--methods", "Adam"])

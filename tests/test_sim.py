@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dcasgd import sim
+from dcasgd import rules, sim
 from dcasgd.shard import ShardState
 from dcasgd.sim import MlpModel, SimConfig, simulate
 
@@ -153,6 +153,104 @@ def test_history_records_test_accuracy_on_the_virtual_clock():
     assert result.final_accuracy > result.history[0][2] + 0.1  # it learns something within half an epoch
 
 
+def _one_worker_overlap_reference(mode: str, steps: int, **rule) -> tuple[torch.Tensor, torch.Tensor]:
+    """M=1 with overlap by hand, in the shard's float32 arithmetic: gradient k is computed on the
+    weights before the last update (w_{k-2}; the first two on w_0) and compensated against them.
+    Returns (weights, the weights had the compensation used the newest weights sent instead)."""
+    model = MlpModel(32)
+    x, y, _, _ = sim.digits()
+    w0 = model.init(torch.Generator().manual_seed(0))
+    results = []
+    for wrong in (False, True):
+        batches = sim._Batches(len(y), SHORT["batch_size"], 0, 0)
+        versions = [w0.clone()]  # versions[v]: the weights after v updates
+        w, ms = w0.clone(), torch.zeros_like(w0)
+        g = torch.empty_like(w0)
+        for k in range(steps):
+            base = max(k - 1, 0)  # push k+1 (1-based) was computed on version k-1
+            b = batches.next()
+            model.grad(versions[base], x[b], y[b], g)
+            bak = versions[k] if wrong else versions[base]
+            if mode == "async":
+                rules.asgd_step(w, g, lr=SHORT["lr"])
+            elif mode == "dcasgd":
+                rules.dcasgd_step(w, g, bak, lr=SHORT["lr"], **rule)
+            else:
+                rules.dcasgd_adaptive_step(w, g, bak, ms, lr=SHORT["lr"], **rule)
+            versions.append(w.clone())
+        results.append(w)
+    return results[0], results[1]
+
+
+@pytest.mark.parametrize("mode", ["async", "dcasgd", "dcasgd-a"])
+def test_one_worker_with_overlap_is_sgd_one_step_delayed_compensated_against_the_named_version(mode):
+    """M=1 with overlap: w_{k+1} = w_k - lr * d(g(w_{k-1})), the compensation against w_{k-1} (the
+    version the push names), not w_k (the newest the shard sent); bit for bit."""
+    rule = {"lam": 1.0} if mode == "dcasgd" else {}  # a large lambda makes a wrong backup visible
+    result = run(workers=1, mode=mode, epochs=0.1, overlap=True, **rule)
+    expected, wrong_backup = _one_worker_overlap_reference(mode, result.gradients, **rule)
+    assert torch.equal(result.weights, expected)
+    assert result.staleness == {0: 1, **({1: result.gradients - 1} if result.gradients > 1 else {})}
+    if mode != "async":
+        assert not torch.equal(expected, wrong_backup), "the reference does not tell the two backups apart"
+    assert not torch.equal(result.weights, run(workers=1, mode=mode, epochs=0.1, **rule).weights)
+
+
+@pytest.mark.parametrize("m", [1, 3, 4])
+def test_overlap_makes_every_push_one_round_staler_with_equal_compute(m):
+    # Without overlap a push is M-1 versions stale in steady state; with overlap its gradient is one
+    # reply older, and the M pushes in between (its own included) make it 2M-1: the histogram of
+    # 2M workers without overlap.
+    plain = run(workers=m, mode="async")
+    overlapped = run(workers=m, mode="async", overlap=True)
+    assert plain.gradients == overlapped.gradients
+    assert plain.staleness == {**{k: 1 for k in range(m - 1)}, m - 1: plain.gradients - (m - 1)}
+    assert overlapped.staleness == {**{k: 1 for k in range(2 * m - 1)}, 2 * m - 1: plain.gradients - (2 * m - 1)}
+    if 2 * m <= sim.MAX_WORKERS:
+        assert overlapped.staleness == run(workers=2 * m, mode="async").staleness
+
+
+@pytest.mark.parametrize("mode", ["dcasgd", "dcasgd-a"])
+def test_overlapped_pushes_name_the_weights_before_the_newest_and_dc_uses_them(monkeypatch, mode):
+    # From its second push on, an overlapped worker computes on the weights sent before the newest:
+    # every push names that version with keep=2, the shard keeps it (check() raises bad_base
+    # otherwise), and the backup the shard compensates against is bit for bit that version.
+    m, shards = 3, 2
+    seen = {"pushes": 0, "previous": 0}
+    push = ShardState.push
+    versions: dict[tuple[int, int], torch.Tensor] = {}  # (shard, version) -> its weights
+
+    def spying_push(self, req, grad, now):
+        seen["pushes"] += 1
+        versions.setdefault((self.config.shard, 0), self.w.clone())  # the initial weights
+        assert req.keep == 2 and req.base is not None
+        newest = req.base == self.received_version[req.worker]
+        seen["previous"] += not newest
+        held = (self.backup if newest else self.previous)[req.worker]
+        assert held.version == req.base
+        assert torch.equal(held.tensor, versions[(self.config.shard, req.base)])
+        replies = push(self, req, grad, now)
+        versions[(self.config.shard, self.version)] = self.w.clone()
+        return replies
+
+    monkeypatch.setattr(ShardState, "push", spying_push)
+    result = run(workers=m, mode=mode, shards=shards, overlap=True, compute="jitter")
+    assert seen["pushes"] == shards * result.gradients
+    # every push but each worker's first names the weights sent before the newest (the second
+    # names the pulled weights, which the first push's reply made the previous ones)
+    assert seen["previous"] == shards * (result.gradients - m)
+    assert result.final_accuracy > 0.2
+
+
+def test_overlap_is_deterministic_and_differs_from_no_overlap():
+    config = SimConfig(**SHORT, workers=4, mode="dcasgd-a", compute="straggler", shards=2, overlap=True)
+    a, b = simulate(config), simulate(config)
+    assert torch.equal(a.weights, b.weights) and a.staleness == b.staleness
+    plain = simulate(SimConfig(**{**config.__dict__, "overlap": False}))
+    assert not torch.equal(a.weights, plain.weights)
+    assert a.mean_staleness > plain.mean_staleness
+
+
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
@@ -164,6 +262,7 @@ def test_history_records_test_accuracy_on_the_virtual_clock():
         ({"lr": 0.0}, "Invalid learning rate"),
         ({"epochs": 0}, "epochs must be > 0"),
         ({"compute": "straggler", "workers": 2, "stragglers": 3}, "stragglers must be in"),
+        ({"mode": "sync", "overlap": True}, "overlap=True needs an asynchronous mode"),
     ],
 )
 def test_config_refuses_invalid_values(fields, message):
