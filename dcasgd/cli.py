@@ -13,7 +13,7 @@ from typing import Any
 from . import rules, security
 from .protocol import WIRE_DTYPES
 from .server import DEFAULT_BIND, run_server
-from .shard import ShardConfig
+from .shard import EXACT_STALENESS, ShardConfig
 
 
 def _add_rule_options(p: argparse.ArgumentParser) -> list[argparse.Action]:
@@ -378,7 +378,7 @@ def format_stats(stats: dict[str, Any]) -> str:
         ("version", stats["version"]),
         ("workers", stats["num_workers"]),
         ("updates per worker", " ".join(str(u) for u in stats["updates"])),
-        ("staleness (value:count)", " ".join(f"{k}:{v}" for k, v in stats["staleness"]) or "-"),
+        ("staleness (value:count)", " ".join(f"{_bucket(k)}:{v}" for k, v in stats["staleness"]) or "-"),
         ("duplicate pushes", stats["duplicates"]),
     ]
     finished = stats.get("finished", [])
@@ -449,3 +449,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _bucket(key: int) -> str:
+    """A staleness histogram key as text: a value, or from 256 on its power-of-two bucket."""
+    return str(key) if key < EXACT_STALENESS else f"{key}-{2 * key - 1}"

@@ -32,6 +32,7 @@ from .security import ENV_KEY, ENV_SERVER_KEY, client_keys
 
 log = logging.getLogger("dcasgd.client")
 
+_MAX_REPLY_HEADER = 1 << 24  # bytes; a stats reply lists every worker: about 20 bytes each
 _COPY_THRESHOLD = 64 * 1024  # below this ZeroMQ copies anyway, and tracking costs more than it saves
 _HANDSHAKE_FAILED = (
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
@@ -576,7 +577,7 @@ class Client:
     def _receive(self, s: int, rid: int, out: Tensor | None, ranges: list[tuple[int, int]]) -> dict[str, Any] | None:
         """Read one message from shard ``s``; None when it answers an older request."""
         sock = self._socks[s]
-        h = protocol.unpack(sock.recv(), max_bytes=1 << 24)
+        h = protocol.unpack(sock.recv(), max_bytes=_MAX_REPLY_HEADER, max_items=_MAX_REPLY_HEADER)
         more = sock.getsockopt(zmq.RCVMORE)
         if h.get("rid") != rid:
             while more:  # a late answer to a request we gave up on
@@ -700,7 +701,7 @@ def _ask(
                 sent = True
                 poller.modify(sock, zmq.POLLIN)
             if ready.get(sock, 0) & zmq.POLLIN:
-                h = protocol.unpack(sock.recv(), max_bytes=1 << 24)
+                h = protocol.unpack(sock.recv(), max_bytes=_MAX_REPLY_HEADER, max_items=_MAX_REPLY_HEADER)
     finally:
         sock.disable_monitor()
         monitor.close(linger=0)

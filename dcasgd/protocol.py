@@ -109,8 +109,14 @@ def pack(header: dict[str, Any]) -> bytes:
     return msgpack.packb(header, use_bin_type=True)
 
 
-def unpack(data: bytes | memoryview, max_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> dict[str, Any]:
+def unpack(
+    data: bytes | memoryview, max_bytes: int = DEFAULT_MAX_HEADER_BYTES, max_items: int = 4096
+) -> dict[str, Any]:
     """Decode a header frame, refusing anything that is not a small msgpack map.
+
+    ``max_items``: the longest array a header may hold (a request's: 4096; a reply's lists
+    have one entry per worker or per parameter, so a client passes ``max_bytes``, the bound
+    the frame's size already sets).
 
     Raises :class:`MalformedMessage`. No pickle and no ext hook: nothing runs
     on receive, and any msgpack ext value with a body makes the header malformed.
@@ -124,7 +130,7 @@ def unpack(data: bytes | memoryview, max_bytes: int = DEFAULT_MAX_HEADER_BYTES) 
             strict_map_key=True,
             max_str_len=max_bytes,
             max_bin_len=max_bytes,
-            max_array_len=4096,
+            max_array_len=max_items,
             max_map_len=256,
             max_ext_len=0,
         )

@@ -46,6 +46,13 @@ from .protocol import (
 log = logging.getLogger("dcasgd.shard")
 
 DC_MODES = frozenset({"dcasgd", "dcasgd-a"})
+EXACT_STALENESS = 256  # staleness values below this are counted one by one; above, in power-of-two buckets
+
+
+def staleness_bucket(staleness: int) -> int:
+    """The histogram key of a staleness: itself below ``EXACT_STALENESS``, else the power of two at
+    or below it (the bucket ``[2**k, 2**(k+1))``), so a histogram has at most 256 + 64 keys."""
+    return staleness if staleness < EXACT_STALENESS else 1 << (staleness.bit_length() - 1)
 
 
 class Completion(Protocol):
@@ -473,7 +480,7 @@ class ShardState:
         self.last_seq[worker] = seq
         self.updates[worker] += 1
         staleness = self.version - (self.received_version[worker] if base is None else base)
-        self.staleness[staleness] += 1
+        self.staleness[staleness_bucket(staleness)] += 1
         return staleness
 
     def _sync_push(self, req: Request, lr: float, want: bool, grad: Tensor, now: float) -> list[Reply]:
@@ -606,7 +613,7 @@ class ShardState:
         for worker, p in self._round.items():
             last_seq[worker] = p.seq - 1
             updates[worker] -= 1
-            staleness[p.staleness] -= 1
+            staleness[staleness_bucket(p.staleness)] -= 1
         snapshots: list[Snapshot] = []
         index: dict[int, int] = {}  # id(snapshot) -> its place in snapshots
 
@@ -664,7 +671,9 @@ class ShardState:
         self.updates = list(state["updates"])
         self.received_version = list(state["received_version"])
         self.previous_version = list(state.get("previous_version") or [None] * config.num_workers)
-        self.staleness = Counter(dict(state["staleness"]))
+        self.staleness = Counter()
+        for value, count in state["staleness"]:  # checkpoints from before the buckets may hold any value
+            self.staleness[staleness_bucket(value)] += count
         self.duplicates, self.non_finite = state["duplicates"], state.get("non_finite", 0)
         self.rounds, self.left_out, self.live = state["rounds"], state["left_out"], set(state["live"])
         self.w = state["w"]
