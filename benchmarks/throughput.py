@@ -100,7 +100,7 @@ def time_push_pull(numel: int, num_shards: int, mode: str, repeats: int, warmup:
     """Seconds per ``push_pull`` of ``numel`` floats on ``num_shards`` fresh shard processes."""
     procs, endpoints = start_shards(num_shards, mode)
     try:
-        client = Client(endpoints, worker_id=0, timeout=60.0)
+        client = Client(endpoints, worker_id=0, timeout=60.0, tune_malloc=True)  # as measured so far
         client.init(torch.randn(numel))
         w = client.pull()
         g = torch.randn(numel) * 1e-3

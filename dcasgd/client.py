@@ -86,6 +86,9 @@ class Client:
     (``dcasgd server --wire-dtype``): ``"float32"``, or ``"bfloat16"`` / ``"float16"`` for
     half the bytes (weights arrive rounded to that type, then widened to float32).
     None (default) takes the job's; another value than the job's is refused.
+    ``tune_malloc``: keep freed multi-MB buffers mapped (glibc ``mallopt``, see
+    :mod:`dcasgd.memory`), which changes malloc for the whole process; off unless True or
+    ``DCASGD_MALLOC_TUNING=1`` (shard processes always tune, unless it is ``0``).
 
     Usage::
 
@@ -111,6 +114,7 @@ class Client:
         curve_key: str | os.PathLike[str] | None = None,
         server_key: str | os.PathLike[str] | None = None,
         wire_dtype: str | None = None,
+        tune_malloc: bool | None = None,
     ) -> None:
         if wire_dtype is not None and wire_dtype not in protocol.WIRE_DTYPES:
             raise ValueError(f"wire_dtype must be one of {', '.join(protocol.WIRE_DTYPES)}, got {wire_dtype!r}")
@@ -121,7 +125,8 @@ class Client:
         self._recv_buf: Tensor | None = None  # weights in the wire type, before widening
         self.versions: list[int] = []  # per shard, the version of the weights received last
         self.servers = list(parse_servers(servers))
-        keep_freed_memory()  # each reply would otherwise land in freshly faulted pages
+        if tune_malloc or (tune_malloc is None and os.environ.get("DCASGD_MALLOC_TUNING") == "1"):
+            keep_freed_memory()  # process-wide: only when asked (the optimizer reuses its buffers anyway)
         if worker_id is None:
             worker_id = worker_id_from_environment()
             if worker_id is None:

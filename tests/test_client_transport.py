@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -39,3 +43,16 @@ def test_servers_and_worker_id_from_the_environment(cluster_factory, monkeypatch
         monkeypatch.setenv("RANK", "1")
         with Client(timeout=10.0) as c:
             assert c.worker_id == 1
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("setting, tuned", [(None, False), ("1", True), ("0", False)])
+def test_a_client_changes_malloc_only_when_asked(cluster_factory, setting, tuned):
+    with cluster_factory(1, 1, "async") as cl:
+        env = {k: v for k, v in os.environ.items() if k != "DCASGD_MALLOC_TUNING"}
+        if setting is not None:
+            env["DCASGD_MALLOC_TUNING"] = setting
+        code = f"import dcasgd, dcasgd.memory as m; dcasgd.Client({cl.endpoints!r}, 0).close(); print(m._done)"
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == str(tuned)
