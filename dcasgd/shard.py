@@ -26,7 +26,6 @@ from . import rules
 from .layout import shard_ranges
 from .membership import Membership, NoFreeWorkerId
 from .protocol import (
-    ALREADY_PUSHED,
     BAD_BASE,
     BAD_DTYPE,
     BAD_FINGERPRINT,
@@ -136,6 +135,7 @@ class _Pending:
     lr: float
     want_weights: bool
     staleness: int
+    not_applied: bool = False  # a later push of a restarted worker, answered with the round
 
 
 class ShardState:
@@ -485,8 +485,18 @@ class ShardState:
 
     def _sync_push(self, req: Request, lr: float, want: bool, grad: Tensor, now: float) -> list[Reply]:
         worker = req.worker
-        if worker in self._round:
-            raise ProtocolError(ALREADY_PUSHED, f"worker {worker} already pushed for sync round {self.rounds}")
+        pending = self._round.get(worker)
+        if pending is not None:
+            # A restarted worker (a new process with the same id goes on with the seq numbers) pushes
+            # again while its push from before the crash waits in the round. That one stands for it
+            # in this round; this one is answered when the round closes, and not applied.
+            self.last_seq[worker] = req.seq
+            pending.key, pending.seq = (req.rid, req.op), req.seq
+            pending.want_weights, pending.not_applied = pending.want_weights or want, True
+            log.info(
+                "shard %d: worker %d pushed again in round %d (restarted?)", self.config.shard, worker, self.rounds
+            )
+            return []
         self.live.add(worker)
         staleness = self._record(worker, req.seq)
         self._grad_sum.add_(grad)
@@ -509,12 +519,13 @@ class ShardState:
         del self.round_seconds[:-1000]
         self._round = {}
         self._round_started = None
-        return [
-            self._remember(
-                m, p.key, self._push_reply(m, p.want_weights, {"staleness": p.staleness, "round_size": len(members)})
-            )
-            for m, p in members.items()
-        ]
+        replies = []
+        for m, p in members.items():
+            fields = {"staleness": p.staleness, "round_size": len(members)}
+            if p.not_applied:
+                fields["not_applied"] = True
+            replies.append(self._remember(m, p.key, self._push_reply(m, p.want_weights, fields)))
+        return replies
 
     def _repeat(self, worker: int, key: tuple[int, str]) -> Reply | None:
         """The answer already given to request ``key`` = (rid, op) of ``worker``, marked as a duplicate."""

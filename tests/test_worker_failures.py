@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
+
 import pytest
 import torch
 from conftest import in_parallel
@@ -58,3 +62,54 @@ def test_in_sync_mode_a_dead_worker_costs_one_timeout_then_rounds_go_on(cluster_
         assert torch.equal(cs[0].pull(), torch.full((10,), -3.0))
         for c in cs:
             c.close()
+
+
+WORKER_1 = """
+import sys, torch, dcasgd
+c = dcasgd.Client(sys.argv[1].split(","), 1, timeout=30.0)
+w = c.pull()
+for _ in range(int(sys.argv[2])):
+    w = c.push_pull(torch.ones(10), lr=1.0, out=w)
+print("rounds done", flush=True)
+"""
+
+
+@pytest.mark.timeout(90)
+def test_in_sync_mode_a_worker_killed_mid_round_and_restarted_rejoins(cluster_factory):
+    # What `restart: on-failure` does: worker 1 dies while its push waits in the round, and comes
+    # back with the same id; its new push joins that round (the old one stands for it) and
+    # training goes on.
+    with cluster_factory(2, 2, "sync", "--sync-timeout", "60") as cl:
+        c0 = Client(cl.endpoints, worker_id=0, timeout=30.0)
+        c0.init(torch.zeros(10))
+        c0.pull()
+        servers = ",".join(cl.endpoints)
+        first = subprocess.Popen([sys.executable, "-c", WORKER_1, servers, "5"])
+        procs = [first]
+        try:
+            deadline = time.monotonic() + 30
+            while not all(s["updates"][1] == 1 for s in c0.stats()):
+                assert time.monotonic() < deadline, "worker 1's push never joined the round"
+                time.sleep(0.02)  # polling another process's progress, with a deadline
+            first.kill()
+            first.wait(10)
+            again = subprocess.Popen([sys.executable, "-c", WORKER_1, servers, "3"], stdout=subprocess.PIPE,
+                                     text=True)  # fmt: skip
+            procs.append(again)
+            while not all(s["last_seq"][1] == 2 for s in c0.stats()):
+                assert time.monotonic() < deadline, "the restarted worker's push never arrived"
+                time.sleep(0.02)
+            for _ in range(3):
+                c0.push(torch.ones(10), lr=1.0)
+            out, _ = again.communicate(timeout=30)
+            assert again.returncode == 0 and "rounds done" in out
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait(10)
+        stats = c0.stats()
+        assert [s["rounds"] for s in stats] == [3, 3]
+        assert [s["updates"][1] for s in stats] == [3, 3]  # the first push, then two of the restarted worker
+        assert torch.equal(c0.pull(), torch.full((10,), -3.0))
+        c0.close()
