@@ -12,7 +12,7 @@ from typing import Any
 
 from . import rules, security
 from .protocol import WIRE_DTYPES
-from .server import DEFAULT_BIND, run_server
+from .server import DEFAULT_BIND, DEFAULT_IO_THREADS, run_server
 from .shard import ShardConfig
 
 
@@ -65,6 +65,16 @@ def _add_shard_options(p: argparse.ArgumentParser, *, launch: bool) -> list[argp
         passed_on.append(
             add("--threads", type=int, default=0, help="torch threads for the rules (default: one per core)")
         )
+    passed_on.append(
+        add(
+            "--io-threads",
+            type=int,
+            default=DEFAULT_IO_THREADS,
+            metavar="N",
+            help=f"ZeroMQ I/O threads{each}, which move the bytes between socket and memory "
+            f"(default {DEFAULT_IO_THREADS}; see docs/benchmarks.md, Transport)",
+        )
+    )
     passed_on.append(add("--log-level", default="INFO", help=f"logging level{each} (default INFO)"))
     passed_on.append(
         add(
@@ -295,11 +305,15 @@ def cmd_server(a: argparse.Namespace) -> int:
     if not every >= 0:
         print(f"dcasgd server: error: --checkpoint-every must be >= 0, got {every}", file=sys.stderr)
         return 2
+    if a.io_threads < 1:
+        print(f"dcasgd server: error: --io-threads must be >= 1, got {a.io_threads}", file=sys.stderr)
+        return 2
     ckpt = {"checkpoint_dir": a.checkpoint_dir, "checkpoint_every": every, "resume": a.resume}
     return run_server(
         a.bind,
         cfg,
         threads=a.threads,
+        io_threads=a.io_threads,
         curve_secret_key=a.curve_secret_key,
         curve_clients=a.curve_clients,
         max_message_bytes=a.max_message_bytes,
