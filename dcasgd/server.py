@@ -101,8 +101,11 @@ class ShardServer:
             raise
         self.endpoint: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         path = job_env.ipc_path(self.endpoint)
-        if path is not None and path != "*":
-            self._ipc_file = (path, os.stat(path).st_ino)
+        if path is not None:
+            try:
+                self._ipc_file = (path, os.stat(path).st_ino)
+            except OSError:
+                pass
         # ZeroMQ ends the connection of a peer whose frame is over MAXMSGSIZE and tells nobody: the
         # message never arrives, and the monitor's DISCONNECTED event is the only trace. It is the same
         # event as a peer that closed its socket (libzmq 4.3 gives no reason), so disconnects are counted
@@ -387,7 +390,7 @@ class ShardServer:
 
 
 def _check_ipc_bind(endpoint: str, path: str) -> None:
-    """Refuse an ipc path that is too long, or that another process is listening on.
+    """Refuse an ipc path that is too long, or that another process is listening on, and ``ipc://*``.
 
     ZeroMQ would say only "File name too long"; and it unlinks whatever file is at the
     path before it binds, so a second shard on the same path would silently take the
@@ -398,7 +401,9 @@ def _check_ipc_bind(endpoint: str, path: str) -> None:
         job_env.check_endpoint(endpoint)
     except job_env.JobConfigError as exc:
         raise BindError(str(exc)) from None
-    if path == "*" or not os.path.exists(path):
+    if path == "*":  # libzmq 4.3 names a directory relative to the current one, and leaves it behind
+        raise BindError(f"{endpoint}: give the socket a path, e.g. ipc:///tmp/dcasgd/shard0")
+    if not os.path.exists(path):
         return
     if not stat.S_ISSOCK(os.stat(path).st_mode):  # ZeroMQ would delete it
         raise BindError(f"{endpoint}: {path} exists and is not a socket: remove it or choose another path")
