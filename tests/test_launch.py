@@ -229,6 +229,7 @@ def test_interrupting_the_launcher_stops_everything(tmp_path, sig, code):
 def test_children_die_with_a_killed_launcher(tmp_path):
     cmd = [sys.executable, "-m", "dcasgd", "launch", "--workers", "2", "--", *script(tmp_path, "linger.py", LINGER)]
     env = {**os.environ, "NO_GRANDCHILD": "1"}  # the kernel's parent-death signal reaches children only
+    env["TMPDIR"] = str(tmp_path)  # a SIGKILLed launcher leaves its ipc directory: let it be pytest's to remove
     proc, lines, reader = Lines.of_process(cmd, env=env)
     try:
         lines.wait_for(r"^\[worker\d\] (ready)$", count=2)
