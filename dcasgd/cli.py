@@ -12,7 +12,7 @@ from typing import Any
 
 from . import rules, security
 from .protocol import WIRE_DTYPES
-from .server import DEFAULT_BIND, run_server
+from .server import DEFAULT_BIND, DEFAULT_IO_THREADS, run_server
 from .shard import EXACT_STALENESS, ShardConfig
 
 
@@ -65,6 +65,16 @@ def _add_shard_options(p: argparse.ArgumentParser, *, launch: bool) -> list[argp
         passed_on.append(
             add("--threads", type=int, default=0, help="torch threads for the rules (default: one per core)")
         )
+    passed_on.append(
+        add(
+            "--io-threads",
+            type=int,
+            default=DEFAULT_IO_THREADS,
+            metavar="N",
+            help=f"ZeroMQ I/O threads{each}, which move the bytes between socket and memory "
+            f"(default {DEFAULT_IO_THREADS}; see docs/benchmarks.md, Transport)",
+        )
+    )
     passed_on.append(add("--log-level", default="INFO", help=f"logging level{each} (default INFO)"))
     passed_on.append(
         add(
@@ -176,25 +186,33 @@ class _NotForLaunch(argparse.Action):
 
 
 def _add_launch(sub: argparse._SubParsersAction) -> None:
-    from .launch import NOT_PASSED_ON
+    from .launch import NOT_PASSED_ON, TRANSPORTS
 
     p = sub.add_parser(
         "launch",
         help="run a whole job on this machine: shards and workers as child processes",
         usage="dcasgd launch [--shards N] [--workers M] [--mode MODE] [server options] -- COMMAND [ARGS ...]",
-        description="Start the shards on free 127.0.0.1 ports, then COMMAND once per worker with "
+        description="Start the shards on ipc sockets in a private temporary directory (or free 127.0.0.1 "
+        "ports: --transport tcp), then COMMAND once per worker with "
         "DCASGD_SERVERS, DCASGD_WORKER_ID and DCASGD_NUM_WORKERS set; prefix each line of output with "
         "its role; exit with the first non-zero exit code (a signal N counts as 128+N) and leave no "
         "process behind.",
         epilog="The dcasgd server options above go to each shard as given, except --metrics-port PORT: "
         "shard s serves on PORT+s. Not for launch (refused): "
         + ", ".join(NOT_PASSED_ON)
-        + ". Launch sets the first four itself; its shards run without CURVE, on 127.0.0.1 only; and it "
+        + ". Launch sets the first four itself; its shards run without CURVE, on this host only; and it "
         "stops the shards itself once every worker has exited 0, so --exit-when-done is not needed.",
     )
     p.add_argument("--shards", type=int, default=1, help="shard processes (default 1)")
     p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     passed_on = _add_shard_options(p, launch=True)
+    p.add_argument(
+        "--transport",
+        choices=list(TRANSPORTS),
+        default="ipc",
+        help="how workers reach the shards: ipc sockets in a private directory (default; faster on one host, "
+        "see docs/benchmarks.md) or tcp on 127.0.0.1",
+    )
     p.add_argument("--start-timeout", type=float, default=30.0, help="seconds for the shards to start (default 30)")
     p.add_argument(
         "--grace",
@@ -295,11 +313,15 @@ def cmd_server(a: argparse.Namespace) -> int:
     if not every >= 0:
         print(f"dcasgd server: error: --checkpoint-every must be >= 0, got {every}", file=sys.stderr)
         return 2
+    if a.io_threads < 1:
+        print(f"dcasgd server: error: --io-threads must be >= 1, got {a.io_threads}", file=sys.stderr)
+        return 2
     ckpt = {"checkpoint_dir": a.checkpoint_dir, "checkpoint_every": every, "resume": a.resume}
     return run_server(
         a.bind,
         cfg,
         threads=a.threads,
+        io_threads=a.io_threads,
         curve_secret_key=a.curve_secret_key,
         curve_clients=a.curve_clients,
         max_message_bytes=a.max_message_bytes,
@@ -359,6 +381,7 @@ def cmd_launch(a: argparse.Namespace) -> int:
             metrics_port=a.metrics_port,
             start_timeout=a.start_timeout,
             grace=a.grace,
+            transport=a.transport,
         )
     except ValueError as exc:
         print(f"dcasgd launch: error: {exc}", file=sys.stderr)

@@ -82,6 +82,9 @@ class Client:
     ``curve_key``: this worker's ``.key_secret`` file and ``server_key``: the shards'
     public ``.key`` file (or its Z85 text), for shards that run with CURVE; by default
     ``DCASGD_CURVE_KEY`` and ``DCASGD_CURVE_SERVER_KEY``; neither set: no encryption.
+    ``io_threads``: ZeroMQ I/O threads of the client's own context (None: one per
+    shard, at most 4; ignored when ``context`` is given). Endpoints may be ``tcp://``
+    or, for shards on the same host, ``ipc:///path/to/socket``.
     ``wire_dtype``: what gradients and weights travel as, the job's choice
     (``dcasgd server --wire-dtype``): ``"float32"``, or ``"bfloat16"`` / ``"float16"`` for
     half the bytes (weights arrive rounded to that type, then widened to float32).
@@ -111,6 +114,7 @@ class Client:
         reconnect_timeout: float = 120.0,
         fingerprint: str | None = None,
         context: zmq.Context | None = None,
+        io_threads: int | None = None,
         curve_key: str | os.PathLike[str] | None = None,
         server_key: str | os.PathLike[str] | None = None,
         wire_dtype: str | None = None,
@@ -135,6 +139,10 @@ class Client:
             raise ValueError(f"worker_id must be >= 0, got {worker_id}")
         if not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        if io_threads is None:
+            io_threads = max(1, min(4, len(self.servers)))
+        if io_threads < 1:
+            raise ValueError(f"io_threads must be >= 1, got {io_threads}")
         self.worker_id = worker_id
         self.timeout = float(timeout)
         self.retries = int(retries)
@@ -142,7 +150,7 @@ class Client:
         self.fingerprint = fingerprint
         self._curve = client_keys(curve_key, server_key)  # None: plain sockets
         self._own_ctx = context is None
-        self._ctx = context or zmq.Context(io_threads=max(1, min(4, len(self.servers))))
+        self._ctx = context or zmq.Context(io_threads=io_threads)
         self._monitors: dict[zmq.Socket, zmq.Socket] = {}
         self._handshakes: dict[zmq.Socket, _Handshakes] = {}
         self._socks = [self._connect(ep) for ep in self.servers]

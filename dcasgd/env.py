@@ -14,6 +14,7 @@ SERVERS = "DCASGD_SERVERS"
 _EXAMPLE = "tcp://10.0.0.1:5555,tcp://10.0.0.2:5555"
 WORKER_ID = ("DCASGD_WORKER_ID", "RANK", "SLURM_PROCID")
 NUM_WORKERS = ("DCASGD_NUM_WORKERS", "WORLD_SIZE", "SLURM_NTASKS")
+IPC_PATH_MAX = 107  # bytes in an ipc:// path: a Unix socket address (sun_path) holds 108 with the final NUL
 
 
 class JobConfigError(ValueError):
@@ -58,7 +59,27 @@ def parse_servers(
     servers = tuple(servers)
     if not servers:
         raise JobConfigError("the list of servers is empty")
+    for endpoint in servers:
+        check_endpoint(endpoint)
     return servers
+
+
+def ipc_path(endpoint: str) -> str | None:
+    """The socket file of an ``ipc://`` endpoint; None for other transports and Linux's abstract ``ipc://@name``."""
+    if not endpoint.startswith("ipc://") or endpoint.startswith("ipc://@"):
+        return None
+    return endpoint[len("ipc://") :]
+
+
+def check_endpoint(endpoint: str) -> str:
+    """``endpoint``, or a JobConfigError for one ZeroMQ would refuse with a bare errno (a too-long ipc path)."""
+    path = ipc_path(endpoint)
+    if path is not None and len(os.fsencode(path)) > IPC_PATH_MAX:
+        raise JobConfigError(
+            f"{endpoint}: an ipc:// path may be at most {IPC_PATH_MAX} bytes (the limit of a Unix socket "
+            f"address), this one has {len(os.fsencode(path))}; put the socket in a shorter directory"
+        )
+    return endpoint
 
 
 def worker_id_from_environment() -> int | None:

@@ -1,7 +1,8 @@
 """A whole job on one machine: shards and workers as child processes, like ``torchrun``.
 
-:class:`LocalCluster` starts ``dcasgd server`` processes on free 127.0.0.1 ports,
-then the worker command once per worker with the job in its environment
+:class:`LocalCluster` starts ``dcasgd server`` processes on ipc sockets in a
+private temporary directory (mode 0700, removed at the end; ``transport="tcp"``:
+free 127.0.0.1 ports instead), then the worker command once per worker with the job in its environment
 (``DCASGD_SERVERS``, ``DCASGD_WORKER_ID``, ``DCASGD_NUM_WORKERS``; see
 :mod:`dcasgd.env`), and prefixes every line a child prints with its role
 (``[shard0] ...``, ``[worker3] ...``). :func:`launch` is the ``dcasgd launch``
@@ -10,7 +11,7 @@ command: start, wait, stop, and return the first non-zero exit code.
 Usage::
 
     with LocalCluster([sys.executable, "train.py"], shards=2, workers=4, mode="dcasgd-a") as cluster:
-        cluster.start_servers()     # ["tcp://127.0.0.1:40001", "tcp://127.0.0.1:40002"]
+        cluster.start_servers()     # ["ipc:///tmp/dcasgd-k3j2/shard0", "ipc:///tmp/dcasgd-k3j2/shard1"]
         cluster.start_workers()
         code = cluster.wait()       # stops the shards when every worker exited 0
 
@@ -39,9 +40,11 @@ from __future__ import annotations
 import os
 import queue
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
@@ -58,18 +61,21 @@ _MAX_LINE = 64 * 1024  # a longer line is passed on in pieces, each with the pre
 _TAIL_LINES = 40  # lines of a child's output kept for error messages
 _KILL_WAIT = 10.0  # seconds to wait for a SIGKILLed process to be reaped
 _PUMP_WAIT = 2.0  # seconds to wait for a child's pipe to close once every child has exited
+# ipc echoes 40 MB in 0.53-0.71x the time of tcp on 127.0.0.1, push_pull of 10M floats takes 0.80-0.96x
+# (docs/benchmarks.md, "Transport"); tcp stays for a job that wants it (metrics are HTTP on tcp either way).
+TRANSPORTS = ("ipc", "tcp")
 # ``dcasgd server`` options that a local cluster does not pass on to its shards, and why.
 # ``dcasgd launch`` refuses them with these words; every other server option passes on.
 NOT_PASSED_ON: dict[str, str] = {
-    "--bind": "launch binds every shard to a free 127.0.0.1 port; to bind another address, "
-    "start each shard with dcasgd server",
+    "--bind": "launch binds every shard to an ipc socket in a private directory (--transport tcp: a free "
+    "127.0.0.1 port); to bind another address, start each shard with dcasgd server",
     "--shard": "launch numbers its shards itself; --shards N sets how many",
     "--num-shards": "launch sets it; use --shards N",
     "--num-workers": "launch sets it; use --workers M",
-    "--curve-secret-key": "launch's shards listen on 127.0.0.1 only and run without CURVE (its workers get "
-    "no DCASGD_CURVE_* variables); for CURVE, start each shard with dcasgd server",
-    "--curve-clients": "launch's shards listen on 127.0.0.1 only and run without CURVE (its workers get "
-    "no DCASGD_CURVE_* variables); for CURVE, start each shard with dcasgd server",
+    "--curve-secret-key": "launch's shards listen on this host only (ipc or 127.0.0.1) and run without CURVE "
+    "(its workers get no DCASGD_CURVE_* variables); for CURVE, start each shard with dcasgd server",
+    "--curve-clients": "launch's shards listen on this host only (ipc or 127.0.0.1) and run without CURVE "
+    "(its workers get no DCASGD_CURVE_* variables); for CURVE, start each shard with dcasgd server",
     "--exit-when-done": "launch stops its shards itself (SIGTERM, which writes a last checkpoint) "
     "once every worker has exited 0",
 }
@@ -116,7 +122,10 @@ class LocalCluster:
     share few cores) and ``PYTHONUNBUFFERED=1``. ``output``: where the prefixed
     lines go (default ``sys.stdout``); ``quiet=True`` drops them. ``start_timeout``:
     seconds for all shards to report their endpoints. ``grace``: seconds between
-    SIGTERM and SIGKILL when the job is stopped.
+    SIGTERM and SIGKILL when the job is stopped. ``transport``: ``"ipc"`` (default, measured
+    faster on one host) binds shard ``s`` to ``ipc://DIR/shardS`` in a fresh private directory
+    (mode 0700) that :meth:`stop` removes; ``"tcp"`` to a free 127.0.0.1 port. Either way the
+    workers get the endpoints in ``DCASGD_SERVERS``.
     """
 
     def __init__(
@@ -133,6 +142,7 @@ class LocalCluster:
         quiet: bool = False,
         start_timeout: float = 30.0,
         grace: float = 5.0,
+        transport: str = "ipc",
     ) -> None:
         if not command:
             raise ValueError("no worker command given")
@@ -142,6 +152,8 @@ class LocalCluster:
             raise ValueError(f"workers must be >= 1, got {workers}")
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}: one of {', '.join(MODES)}")
+        if transport not in TRANSPORTS:
+            raise ValueError(f"unknown transport {transport!r}: one of {', '.join(TRANSPORTS)}")
         for arg in server_args:
             opt = arg.split("=", 1)[0]
             why = NOT_PASSED_ON.get(opt) or _OWN_ARGUMENTS.get(opt)
@@ -157,6 +169,8 @@ class LocalCluster:
         self.mode = mode
         self.server_args = list(server_args)
         self.metrics_port = metrics_port
+        self.transport = transport
+        self._ipc_dir: str | None = None  # the shards' socket files, with transport="ipc"
         if not any(a.split("=", 1)[0] == "--threads" for a in server_args):
             self.server_args += ["--threads", "1"]
         self.env = dict(env or {})
@@ -196,9 +210,10 @@ class LocalCluster:
             raise RuntimeError("start_servers() was already called")
         base = {**os.environ, **self.env}
         base.setdefault("PYTHONUNBUFFERED", "1")
+        binds = self._binds()
         for s in range(self.num_shards):
             cmd = [
-                sys.executable, "-m", "dcasgd", "server", "--bind", "tcp://127.0.0.1:0", "--shard", str(s),
+                sys.executable, "-m", "dcasgd", "server", "--bind", binds[s], "--shard", str(s),
                 "--num-shards", str(self.num_shards), "--num-workers", str(self.num_workers), "--mode", self.mode,
                 *self.server_args,
             ]  # fmt: skip
@@ -229,6 +244,24 @@ class LocalCluster:
         for c in self._shards:
             self._say(f"shard {c.index} pid {c.proc.pid} {c.endpoint}")
         return self.endpoints
+
+    def _binds(self) -> list[str]:
+        """Each shard's --bind: an ipc path in a new private directory, or a free 127.0.0.1 port."""
+        tcp = ["tcp://127.0.0.1:0"] * self.num_shards
+        if self.transport == "tcp":
+            return tcp
+        self._ipc_dir = tempfile.mkdtemp(prefix="dcasgd-")  # mode 0700: only this user reaches the shards
+        binds = [f"ipc://{self._ipc_dir}/shard{s}" for s in range(self.num_shards)]
+        if any(len(os.fsencode(b)) - len("ipc://") > job_env.IPC_PATH_MAX for b in binds):
+            self._say(f"the temporary directory {self._ipc_dir} is too long for an ipc socket path; using tcp")
+            self._remove_ipc_dir()
+            return tcp
+        return binds
+
+    def _remove_ipc_dir(self) -> None:
+        if self._ipc_dir is not None:
+            shutil.rmtree(self._ipc_dir, ignore_errors=True)
+            self._ipc_dir = None
 
     def start_workers(self) -> None:
         """Start the worker command once per worker, with the job in its environment."""
@@ -313,6 +346,7 @@ class LocalCluster:
                 c.pump.join(max(0.0, deadline - time.monotonic()))
                 if c.pump.is_alive():  # a process that left the group holds the pipe
                     self._say(f"{c.kind} {c.index}'s output is still open; not waiting for it")
+        self._remove_ipc_dir()  # a shard removes its own socket file, but not when it was SIGKILLed
         self._stopped = True
 
     def __enter__(self) -> LocalCluster:

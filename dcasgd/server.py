@@ -13,6 +13,8 @@ import logging
 import os
 import secrets
 import signal
+import socket
+import stat
 import sys
 import threading
 import time
@@ -24,6 +26,7 @@ import zmq
 from zmq.utils import monitor as zmq_monitor
 
 from . import checkpoint, protocol, security
+from . import env as job_env
 from .memory import keep_freed_memory
 from .protocol import MalformedMessage, ProtocolError
 from .shard import Reply, ShardConfig, ShardState
@@ -31,15 +34,22 @@ from .shard import Reply, ShardConfig, ShardState
 log = logging.getLogger("dcasgd.server")
 
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
+DEFAULT_IO_THREADS = 1  # ZeroMQ I/O threads per shard; measured in docs/benchmarks.md "Transport"
 _POLL_MS = 100  # how often the loop wakes up to check stop flags and sync deadlines
+
+
+class BindError(ValueError):
+    """The endpoint cannot be bound; the message says why and what to do."""
 
 
 class ShardServer:
     """One shard served on one ROUTER socket.
 
     ``bind``: a ZeroMQ endpoint such as ``tcp://127.0.0.1:5555`` (port 0 or ``*``
-    picks a free one; see :attr:`endpoint`). Call :meth:`serve` to run until
-    :meth:`stop`.
+    picks a free one; see :attr:`endpoint`), or ``ipc:///path/to/socket`` for
+    workers on the same host (the socket file is removed by :meth:`close`).
+    ``io_threads``: ZeroMQ I/O threads of the server's own context (ignored when
+    ``context`` is given). Call :meth:`serve` to run until :meth:`stop`.
     """
 
     def __init__(
@@ -53,6 +63,7 @@ class ShardServer:
         checkpoint_every: float = 0.0,
         resume: bool = False,
         context: zmq.Context | None = None,
+        io_threads: int = DEFAULT_IO_THREADS,
         curve_secret_key: str | os.PathLike[str] | None = None,
         curve_clients: str | os.PathLike[str] | None = None,
         exit_when_done: bool = False,
@@ -63,7 +74,14 @@ class ShardServer:
         self._setup_checkpoints(checkpoint_dir, checkpoint_every, resume)  # with resume, replaces self.shard
         self.max_header_bytes = max_header_bytes
         self.max_message_bytes = max_message_bytes
-        self._ctx = context or zmq.Context.instance()
+        if io_threads < 1:
+            raise ValueError(f"io_threads must be >= 1, got {io_threads}")
+        self._ipc_file: tuple[str, int] | None = None  # (path, inode) of the socket file this server made
+        ipc = job_env.ipc_path(bind)
+        if ipc is not None:
+            _check_ipc_bind(bind, ipc)
+        self._own_ctx = context is None
+        self._ctx = context or zmq.Context(io_threads=io_threads)
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unroutable replies raise instead of vanishing
         self._sock.setsockopt(zmq.LINGER, 1000)
@@ -74,7 +92,7 @@ class ShardServer:
         self._auth = None
         if secured:  # CURVE: encrypted, and only workers whose public keys are in curve_clients get through
             self._auth = security.secure_server_socket(self._sock, self._ctx, curve_secret_key, curve_clients)
-        if bind.endswith(":0"):
+        if bind.startswith("tcp://") and bind.endswith(":0"):
             bind = bind[:-2] + ":*"
         try:
             self._sock.bind(bind)
@@ -82,6 +100,12 @@ class ShardServer:
             self.close()  # nothing of a shard that could not start stays open
             raise
         self.endpoint: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        path = job_env.ipc_path(self.endpoint)
+        if path is not None:
+            try:
+                self._ipc_file = (path, os.stat(path).st_ino)
+            except OSError:
+                pass
         # ZeroMQ ends the connection of a peer whose frame is over MAXMSGSIZE and tells nobody: the
         # message never arrives, and the monitor's DISCONNECTED event is the only trace. It is the same
         # event as a peer that closed its socket (libzmq 4.3 gives no reason), so disconnects are counted
@@ -109,6 +133,21 @@ class ShardServer:
         self._sock.close()
         if self._auth is not None:
             self._auth.stop()
+        if self._own_ctx:
+            self._ctx.term()
+        self._remove_ipc_file()
+
+    def _remove_ipc_file(self) -> None:
+        """Remove the ipc socket file this server bound (ZeroMQ leaves it), unless another has replaced it."""
+        if self._ipc_file is None:
+            return
+        path, inode = self._ipc_file
+        self._ipc_file = None
+        try:
+            if os.stat(path).st_ino == inode:
+                os.unlink(path)
+        except OSError:  # gone already, or its directory is
+            pass
 
     def serve(self) -> None:
         """Serve requests until :meth:`stop` is called."""
@@ -350,6 +389,36 @@ class ShardServer:
         log.debug("dropped a message: %s", reason)
 
 
+def _check_ipc_bind(endpoint: str, path: str) -> None:
+    """Refuse an ipc path that is too long, or that another process is listening on, and ``ipc://*``.
+
+    ZeroMQ would say only "File name too long"; and it unlinks whatever file is at the
+    path before it binds, so a second shard on the same path would silently take the
+    workers of the first. A socket file nobody listens on (a shard that was killed)
+    is left for ZeroMQ to replace.
+    """
+    try:
+        job_env.check_endpoint(endpoint)
+    except job_env.JobConfigError as exc:
+        raise BindError(str(exc)) from None
+    if path == "*":  # libzmq 4.3 names a directory relative to the current one, and leaves it behind
+        raise BindError(f"{endpoint}: give the socket a path, e.g. ipc:///tmp/dcasgd/shard0")
+    if not os.path.exists(path):
+        return
+    if not stat.S_ISSOCK(os.stat(path).st_mode):  # ZeroMQ would delete it
+        raise BindError(f"{endpoint}: {path} exists and is not a socket: remove it or choose another path")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        return  # a stale socket file: ZeroMQ replaces it
+    except OSError as exc:
+        raise BindError(f"{endpoint}: {exc.strerror}") from None
+    finally:
+        probe.close()
+    raise BindError(f"{endpoint}: another process is listening on {path} (address in use)")
+
+
 def _as_tensor(frame: zmq.Frame, dtype: str) -> torch.Tensor:
     """A view of a payload frame as a 1-D tensor of ``dtype`` (a wire type name), without copying it."""
     if len(frame) == 0:
@@ -378,6 +447,9 @@ def run_server(
         server = ShardServer(bind, config, **kwargs)
     except checkpoint.CheckpointError as exc:
         print(f"dcasgd server: {exc}", file=sys.stderr)
+        return 2
+    except BindError as exc:  # the message names the endpoint
+        print(f"dcasgd server: cannot bind {exc}", file=sys.stderr)
         return 2
     except zmq.ZMQError as exc:  # the bind, nearly always: a port in use, an address not on this host
         print(f"dcasgd server: cannot bind {bind}: {zmq.strerror(exc.errno)}", file=sys.stderr)

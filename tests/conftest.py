@@ -1,11 +1,13 @@
-"""Shared fixtures: shard servers as real processes on free 127.0.0.1 ports."""
+"""Shared fixtures: shard servers as real processes on free 127.0.0.1 ports (or ipc sockets)."""
 
 from __future__ import annotations
 
 import os
 import select
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -26,10 +28,13 @@ START_TIMEOUT = 30.0  # seconds for a shard process to report its endpoint
 class Cluster:
     """Shard processes of one job; ``endpoints`` in shard order."""
 
-    def __init__(self, procs: list[subprocess.Popen], endpoints: list[str], logs: list[Path]) -> None:
+    def __init__(
+        self, procs: list[subprocess.Popen], endpoints: list[str], logs: list[Path], ipc_dir: Path | None = None
+    ) -> None:
         self.procs = procs
         self.endpoints = endpoints
         self.logs = logs
+        self.ipc_dir = ipc_dir  # the directory of the ipc socket files, for transport="ipc"
 
     def log(self, shard: int) -> str:
         return self.logs[shard].read_text()
@@ -63,15 +68,23 @@ def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> int:
 
 
 @contextmanager
-def start_cluster(tmp_path: Path, num_shards: int, num_workers: int, mode: str, *extra: str) -> Iterator[Cluster]:
-    """Start ``num_shards`` ``dcasgd server`` processes and stop them on exit."""
+def start_cluster(
+    tmp_path: Path, num_shards: int, num_workers: int, mode: str, *extra: str, transport: str = "tcp"
+) -> Iterator[Cluster]:
+    """Start ``num_shards`` ``dcasgd server`` processes and stop them on exit.
+
+    ``transport="ipc"``: each shard binds ``ipc://DIR/shardS`` in a fresh short directory (pytest's
+    tmp_path may be longer than a Unix socket address allows), removed on exit.
+    """
     procs, endpoints, logs = [], [], []
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    ipc_dir = Path(tempfile.mkdtemp(prefix="dcasgd-")) if transport == "ipc" else None
     try:
         for s in range(num_shards):
             log = tmp_path / f"shard{s}-{time.monotonic_ns()}.log"
+            bind = f"ipc://{ipc_dir}/shard{s}" if ipc_dir is not None else "tcp://127.0.0.1:0"
             cmd = [
-                sys.executable, "-m", "dcasgd", "server", "--bind", "tcp://127.0.0.1:0",
+                sys.executable, "-m", "dcasgd", "server", "--bind", bind,
                 "--shard", str(s), "--num-shards", str(num_shards), "--num-workers", str(num_workers),
                 "--mode", mode, "--log-level", "DEBUG", *extra,
             ]  # fmt: skip
@@ -79,18 +92,20 @@ def start_cluster(tmp_path: Path, num_shards: int, num_workers: int, mode: str, 
                 procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env))
             logs.append(log)
             endpoints.append(_read_endpoint(procs[-1], log))
-        yield Cluster(procs, endpoints, logs)
+        yield Cluster(procs, endpoints, logs, ipc_dir)
     finally:
         for p in procs:
             stop_process(p)
+        if ipc_dir is not None:
+            shutil.rmtree(ipc_dir, ignore_errors=True)
 
 
 @pytest.fixture
 def cluster_factory(tmp_path):
-    """``cluster_factory(num_shards, num_workers, mode, *extra_args)`` as a context manager."""
+    """``cluster_factory(num_shards, num_workers, mode, *extra_args, transport="tcp")`` as a context manager."""
 
-    def factory(num_shards: int, num_workers: int, mode: str, *extra: str):
-        return start_cluster(tmp_path, num_shards, num_workers, mode, *extra)
+    def factory(num_shards: int, num_workers: int, mode: str, *extra: str, transport: str = "tcp"):
+        return start_cluster(tmp_path, num_shards, num_workers, mode, *extra, transport=transport)
 
     return factory
 

@@ -139,3 +139,22 @@ def test_staleness_methods_and_overlap_options():
     assert list(staleness.methods_for(staleness.parse_args(["--methods", "SSGD", "--overlap"]))) == ["SSGD"]
     with pytest.raises(SystemExit):
         staleness.parse_args(["--methods", "Adam"])
+
+
+@pytest.mark.timeout(150)
+def test_transport_quick_writes_every_row(tmp_path):
+    out = tmp_path / "transport"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "transport.py"), "--quick", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=140, cwd=ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads((out / "transport.json").read_text())
+    whats = ["memcpy"]
+    whats += [f"echo {t} io{io}" for t in ("tcp", "ipc") for io in (1, 2)]
+    whats += ["echo tcp io2 x2", "echo ipc io2 x2"]
+    whats += [f"push_pull {t} io{io}" for t in ("tcp", "ipc") for io in (1, 2)]
+    assert [r["what"] for r in report["runs"]] == whats
+    for r in report["runs"]:
+        assert r["numel"] == 20_000 and len(r["seconds"]) == 3 and all(t > 0 for t in r["seconds"])
+        assert r["what"] in done.stdout
+    assert report["runs"][1]["ratio_to_tcp_io1"] == pytest.approx(1.0)  # echo tcp io1 is the echo baseline
+    assert report["args"]["quick"] is True

@@ -151,16 +151,22 @@ def launched_pids(output: str) -> list[int]:
     return [int(p) for p in pids]
 
 
-def test_happy_path_through_the_cli(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("transport", ["ipc", "tcp"])
+def test_happy_path_through_the_cli(tmp_path, capsys, monkeypatch, transport):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     cmd = script(tmp_path, "train.py", TRAIN)
-    args = ["launch", "--shards", "2", "--workers", "3", "--mode", "async", "--lr", "0.5", "--", *cmd]
-    code = cli.main(args)
+    args = ["launch", "--shards", "2", "--workers", "3", "--mode", "async", "--lr", "0.5"]
+    args += [] if transport == "ipc" else ["--transport", transport]  # ipc is the default
+    code = cli.main([*args, "--", *cmd])
     out = capsys.readouterr().out
     assert code == 0, out
     for i in range(3):
         assert re.search(rf"^\[worker{i}\] worker {i}/3 shards 2 OMP 1 done$", out, re.M), out
-    assert re.search(r"^\[launch\] shard 1 pid \d+ tcp://127\.0\.0\.1:\d+$", out, re.M), out
+    endpoint = {"ipc": r"ipc://(/\S+)/shard1", "tcp": r"tcp://127\.0\.0\.1:\d+"}[transport]
+    m = re.search(rf"^\[launch\] shard 1 pid \d+ {endpoint}$", out, re.M)
+    assert m, out
+    if transport == "ipc":
+        assert not Path(m.group(1)).exists()  # the private directory of the socket files is gone
     assert re.search(r"^\[shard1\] dcasgd shard 1/2 listening on ", out, re.M), out
     assert re.search(r"^\[shard0\] .*shard 0: signal 15, stopping$", out, re.M), out  # stopped by SIGTERM
     assert "[launch] all 3 workers exited with code 0; stopping the shards" in out
@@ -223,6 +229,7 @@ def test_interrupting_the_launcher_stops_everything(tmp_path, sig, code):
 def test_children_die_with_a_killed_launcher(tmp_path):
     cmd = [sys.executable, "-m", "dcasgd", "launch", "--workers", "2", "--", *script(tmp_path, "linger.py", LINGER)]
     env = {**os.environ, "NO_GRANDCHILD": "1"}  # the kernel's parent-death signal reaches children only
+    env["TMPDIR"] = str(tmp_path)  # a SIGKILLed launcher leaves its ipc directory: let it be pytest's to remove
     proc, lines, reader = Lines.of_process(cmd, env=env)
     try:
         lines.wait_for(r"^\[worker\d\] (ready)$", count=2)
@@ -239,6 +246,19 @@ def test_launch_without_a_command_is_a_usage_error(capsys, argv):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert "usage: dcasgd launch" in err and "no command: give it after --" in err
+
+
+def test_ipc_sockets_are_in_a_private_directory_removed_at_stop():
+    cluster = LocalCluster(["true"], shards=2, quiet=True)
+    with cluster:
+        endpoints = cluster.start_servers()
+        d = Path(endpoints[0][len("ipc://") :]).parent
+        assert endpoints == [f"ipc://{d}/shard0", f"ipc://{d}/shard1"]
+        assert (d.stat().st_mode & 0o777) == 0o700 and sorted(os.listdir(d)) == ["shard0", "shard1"]
+        os.kill(cluster.pids["shard1"], signal.SIGKILL)  # leaves its socket file behind
+    assert not d.exists()
+    with pytest.raises(ValueError, match="unknown transport 'udp'"):
+        LocalCluster(["true"], transport="udp")
 
 
 def test_server_options_the_launcher_sets_are_refused():
@@ -260,7 +280,7 @@ def test_server_options_pass_through_to_each_shard(tmp_path):
     given = {
         "--lr": "0.5", "--lam": "0.1", "--lam0": "3.0", "--ms-decay": "0.9", "--eps": "1e-06", "--momentum": "0.8",
         "--sync-timeout": "9.0", "--compensation": "per-parameter", "--non-finite": "apply", "--threads": "2",
-        "--log-level": "DEBUG", "--max-message-bytes": "8000", "--max-header-bytes": "4096",
+        "--log-level": "DEBUG", "--io-threads": "2", "--max-message-bytes": "8000", "--max-header-bytes": "4096",
         "--checkpoint-dir": str(tmp_path), "--checkpoint-every": "7.0", "--metrics-host": "0.0.0.0",
     }  # fmt: skip
     parser = cli.build_parser()
@@ -279,10 +299,10 @@ def test_server_options_pass_through_to_each_shard(tmp_path):
 @pytest.mark.parametrize(
     ("argv", "why"),
     [
-        (["--curve-clients", "keys/clients"], "listen on 127.0.0.1 only and run without CURVE"),
-        (["--curve-secret-key", "shard.key_secret"], "listen on 127.0.0.1 only and run without CURVE"),
+        (["--curve-clients", "keys/clients"], "listen on this host only (ipc or 127.0.0.1) and run without CURVE"),
+        (["--curve-secret-key", "shard.key_secret"], "listen on this host only (ipc or 127.0.0.1) and run without"),
         (["--exit-when-done"], "launch stops its shards itself"),
-        (["--bind", "tcp://0.0.0.0:5555"], "launch binds every shard to a free 127.0.0.1 port"),
+        (["--bind", "tcp://0.0.0.0:5555"], "launch binds every shard to an ipc socket in a private directory"),
         (["--shard", "1"], "--shards N sets how many"),  # not taken as an abbreviation of --shards
         (["--num-workers", "3"], "use --workers M"),
     ],

@@ -298,3 +298,18 @@ def test_traffic_is_encrypted(cluster_factory, keys, secured):
     reply_plaintext = w1.numpy().tobytes()[4000:4064]
     visible = [p in sent for p in plaintext] + [reply_plaintext in received]
     assert visible == [not secured] * 4, visible
+
+
+@pytest.mark.timeout(90)
+def test_curve_over_ipc(cluster_factory, keys):
+    """CURVE works the same over an ipc socket: the allowed worker trains, a plain socket gets nothing."""
+    with cluster_factory(1, 1, "async", *keys.server_args, transport="ipc") as cl:
+        assert cl.endpoints[0].startswith("ipc://")
+        w0, g = weights(), gradient()
+        with keys.allowed(cl.endpoints) as c:
+            c.init(w0)
+            torch.testing.assert_close(c.pull(), w0, rtol=0, atol=0)
+            torch.testing.assert_close(c.push_pull(g, lr=LR), w0 - LR * g, rtol=0, atol=1e-6)
+        with pytest.raises(HandshakeError):
+            fetch_stats(cl.endpoints[0], timeout=2.0, curve_key=keys.stranger_secret, server_key=keys.server_public)
+    assert "CURVE on: 1 allowed client key(s)" in cl.log(0)
