@@ -29,8 +29,12 @@ Writes under --out: step_overhead.json (arguments, machine, every phase's raw st
 the summary, the checks) and step_overhead.png (busy per configuration, blocking vs overlap;
 R float32 vs bfloat16).
 
-    python benchmarks/step_overhead.py            # ResNet-50, 8 configurations x 3 repeats (~8 min here)
-    python benchmarks/step_overhead.py --quick    # 1M floats, 1 repeat, few steps (a smoke run, ~40 s)
+    python benchmarks/step_overhead.py            # ResNet-50, 8 configurations x 3 repeats, 15 steps per phase
+    python benchmarks/step_overhead.py --quick    # 1M floats, 1 repeat, 8 steps (a smoke run)
+    python benchmarks/step_overhead.py --repeats 1 --steps 10 --warmup 1   # what fitted here (~10 min, loaded)
+
+How long a run takes depends on R, which on a shared 2-core machine depends on the load:
+ResNet-50's R was 0.5-1.4 s here at load averages 5-10 (every phase then takes seconds per step).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ import multiprocessing as mp
 import os
 import platform
 import select
+import signal
 import statistics
 import subprocess
 import sys
@@ -58,7 +63,7 @@ from dcasgd import DistributedOptimizer
 from dcasgd.client import fetch_stats
 
 RESNET50_NUMEL = 25_557_032
-DEFAULTS = {"model": "resnet50", "repeats": 3, "steps": 20, "warmup": 3}
+DEFAULTS = {"model": "resnet50", "repeats": 3, "steps": 15, "warmup": 2}
 # A smoke run: every configuration once, on a model of about a million floats.
 QUICK = {"model": "tiny", "repeats": 1, "steps": 8, "warmup": 2}
 CONFIGS = [(shards, workers, wire) for shards in (1, 2) for workers in (1, 2) for wire in ("float32", "bfloat16")]
@@ -424,6 +429,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so that the shards and workers started here are stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     started = time.perf_counter()
     machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                "torch": torch.__version__, "load_average_start": os.getloadavg(),
