@@ -380,10 +380,10 @@ def plot(rows: list[dict], c: dict, a: argparse.Namespace, path: Path) -> None:
         ax.bar([x + (k - 0.5) * width for x in xs], med, width, yerr=err, capsize=3, color=color, label=label)
     ax.axhline(TARGET_BUSY, color="k", ls="--", lw=0.8, label=f"target {TARGET_BUSY}")
     ax.set_xticks(list(xs), [r["config"].replace(", ", "\n", 1) for r in rows], fontsize=7, rotation=30, ha="right")
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.2)
     ax.set_ylabel(f"accelerator busy = C / period (C = {a.ratio:g} x R)")
     ax.set_title(f"{a.model} ({a.numel / 1e6:.1f}M floats), {a.mode}: median, min-max over {a.repeats} repeat(s)")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper center", ncol=3)
     ax.grid(axis="y", alpha=0.3)
 
     labels = [f"{w['shards']}s {w['workers']}w" for w in c["wire"]]
