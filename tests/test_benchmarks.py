@@ -1,4 +1,4 @@
-"""benchmarks/speedup.py and throughput.py, run small: real local clusters and shards, the JSON and plots they write."""
+"""benchmarks/speedup.py, throughput.py, step_overhead.py run small: real clusters and shards, the JSON and plots."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -158,3 +159,58 @@ def test_transport_quick_writes_every_row(tmp_path):
         assert r["what"] in done.stdout
     assert report["runs"][1]["ratio_to_tcp_io1"] == pytest.approx(1.0)  # echo tcp io1 is the echo baseline
     assert report["args"]["quick"] is True
+
+
+@pytest.mark.timeout(300)
+def test_step_overhead_quick_writes_every_row(tmp_path):
+    out = tmp_path / "step"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "step_overhead.py"), "--quick", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=290, cwd=ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+    report = json.loads((out / "step_overhead.json").read_text())
+    assert {"argv", "args", "machine", "summary", "checks", "runs"} <= report.keys()
+    numel = report["args"]["numel"]
+    assert report["args"]["model"] == "tiny" and 900_000 < numel < 1_100_000
+    configs = {(s, m, wire) for s in (1, 2) for m in (1, 2) for wire in ("float32", "bfloat16")}
+    assert {(r["shards"], r["workers"], r["wire"]) for r in report["runs"]} == configs
+    for run in report["runs"]:
+        for phase in ("calibration", "blocking", "overlap"):
+            assert [w["worker"] for w in run[phase]] == list(range(run["workers"]))
+            assert all(len(w["step_seconds"]) == report["args"]["steps"] for w in run[phase])
+        assert run["compute_ms"] == pytest.approx(1.5 * run["R"] * 1e3)
+    rows = report["summary"]
+    assert {(r["shards"], r["workers"], r["wire"], r["worker"]) for r in rows} == {
+        (s, m, wire, w) for s, m, wire in configs for w in range(m)
+    }
+    for r in rows:
+        assert r["R_ms"]["median"] > 0 and r["period_blocking_ms"]["median"] > r["compute_ms"]["median"]
+        for key in ("busy_blocking", "busy_overlap"):
+            assert 0 < r[key]["min"] <= r[key]["max"] <= 1.05  # a period is never shorter than its sleep
+        per_float = 8 if r["wire"] == "float32" else 4  # in and out, 4 or 2 bytes each
+        assert r["bytes_per_step"]["median"] == pytest.approx(per_float * numel, rel=0.01)
+    checks = report["checks"]
+    assert len(checks["busy"]) == len(rows) and len(checks["wire"]) == 4
+    for w in checks["wire"]:
+        assert w["bytes_ratio"] == pytest.approx(0.5, abs=0.01) and w["bytes_pass"]
+    data = (out / "step_overhead.png").read_bytes()
+    assert data.startswith(PNG_MAGIC) and len(data) > 1000
+    assert "overlapped busy" in done.stdout and ("PASS" in done.stdout or "MISS" in done.stdout)
+
+
+@pytest.mark.timeout(30)
+def test_step_overhead_resnet50_shapes_and_quick_options():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import step_overhead
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    shapes = step_overhead.resnet50_shapes()
+    assert len(shapes) == 161  # torchvision's resnet50() has 161 parameter tensors
+    assert sum(torch.Size(s).numel() for _, s in shapes) == step_overhead.RESNET50_NUMEL == 25_557_032
+    assert shapes[0] == ("conv1.weight", (64, 3, 7, 7)) and shapes[-2] == ("fc.weight", (1000, 2048))
+    assert ("layer4.0.downsample.0.weight", (2048, 1024, 1, 1)) in shapes
+    full = step_overhead.parse_args([])
+    assert (full.model, full.repeats, full.ratio) == ("resnet50", 3, 1.5)
+    quick = step_overhead.parse_args(["--quick", "--steps", "5"])
+    assert (quick.model, quick.repeats, quick.steps) == ("tiny", 1, 5)
