@@ -365,13 +365,13 @@ class Client:
             raise ValueError(f"Invalid learning rate: {lr}")
         if base is not None and len(base) != self.num_shards:
             raise ValueError(f"base needs one version per shard ({self.num_shards}), got {len(base)}")
+        if self.shard_info[0].get("non_finite", "refuse") == "refuse":
+            _check_finite(g, self.wire_dtype)  # all or nothing: no shard gets a part of it
         payload = g
         if self._wire != torch.float32:
             if self._send_buf is None:
                 self._send_buf = torch.empty(self.n, dtype=self._wire)
-            payload = self._send_buf.copy_(g)  # rounded; a float16 overflow becomes Inf, caught below
-        if self.shard_info[0].get("non_finite", "refuse") == "refuse":
-            _check_finite(payload, self.wire_dtype)  # all or nothing: no shard gets a part of it
+            payload = self._send_buf.copy_(g)  # rounded to the wire type (in range: checked above)
         self._seq += 1
         header = {"fp": self.fingerprint, "seq": self._seq}
         if lr is not None:
@@ -766,14 +766,22 @@ def handshake_hint(event: int, value: int, curve: bool) -> str:
 
 
 def _check_finite(g: Tensor, wire_dtype: str) -> None:
-    """Raise :class:`NonFiniteGradient` if ``g`` holds NaN or Inf; one sum, the element check only then."""
-    if bool(torch.isfinite(g.sum(dtype=torch.float64))):  # float64 cannot overflow on these sums
+    """Raise :class:`NonFiniteGradient` unless every value of ``g`` (float32) is finite in ``wire_dtype``.
+
+    One min/max pass (NaN propagates through it; 3 ms for 25M floats here, where
+    ``isfinite(g).all()`` takes 360 ms); the element count runs only for the message.
+    """
+    limit = torch.finfo(getattr(torch, wire_dtype)).max
+    lo, hi = torch.aminmax(g)
+    if -limit <= float(lo) and float(hi) <= limit:  # False for NaN
         return
-    bad = (~torch.isfinite(g)).nonzero()
-    if not len(bad):
-        return
-    first = int(bad[0])
-    why = " (float16 holds at most 65504 in magnitude: scale the loss down)" if wire_dtype == "float16" else ""
+    bad = (~(g.abs() <= limit)).nonzero()  # NaN, Inf, or beyond what the wire type holds
+    first = int(bad[0]) if len(bad) else -1
+    why = (
+        f" ({wire_dtype} holds at most {limit:.6g} in magnitude: scale the loss down)"
+        if wire_dtype != "float32"
+        else ""
+    )
     raise NonFiniteGradient(
         f"the gradient has {len(bad)} NaN or Inf value(s) in the {wire_dtype} wire type, the first at flat index "
         f"{first}{why}: nothing was sent"
