@@ -49,12 +49,11 @@ log = logging.getLogger("dcasgd.shard")
 DC_MODES = frozenset({"dcasgd", "dcasgd-a"})
 EXACT_STALENESS = 256  # staleness values below this are counted one by one; above, in power-of-two buckets
 # How far a push's seq may run ahead of the last one this shard applied from that worker. A worker
-# numbers its pushes 1, 2, 3, ... and starts from the largest last_seq its shards report, so its
-# seq is last_seq + 1 here, or a repeat; more only when this shard lost pushes the others kept:
-# resumed from a checkpoint older than the others' state, by the pushes made since (a minute of
-# pushes at the default --checkpoint-every 60, even at 1000 pushes a second: 60,000). 2**20 covers
-# over 17 minutes at 1000 pushes a second, while a stray seq (2**64 - 1 would make every later push
-# of that worker a duplicate) is refused before it is stored.
+# numbers its pushes 1, 2, 3, ... from the largest last_seq its shards report, so here its seq is
+# last_seq + 1 or a repeat, unless this shard lost pushes the others kept: resumed from a checkpoint
+# older than their state, it is behind by the pushes since (with --checkpoint-every 60, a minute's
+# worth: 60,000 at 1000 pushes a second). 2**20 is over 17 minutes at that rate; a stray seq (2**64 - 1
+# would make every later push of that worker a duplicate) is refused before it is stored.
 MAX_SEQ_AHEAD = 2**20
 
 
