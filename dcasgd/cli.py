@@ -80,11 +80,12 @@ def _add_shard_options(p: argparse.ArgumentParser, *, launch: bool) -> list[argp
         add(
             "--max-message-bytes",
             type=int,
-            default=0,
+            default=None,
             help="largest frame a peer may send, in bytes; a peer that sends more is disconnected (ZeroMQ "
-            "MAXMSGSIZE; default 0: no limit beyond the header checks). A payload frame holds 4 bytes per "
-            "float of a shard's slice, so set it to at least 4 times the number of floats in the largest "
-            "slice (dcasgd status shows each shard's [lo, hi)), e.g. 4000000 or more for 1M floats",
+            "MAXMSGSIZE, fixed when the shard binds). Default: the largest legal frame when the model size "
+            "is known at start (--resume), else 1 GiB (an init of up to 2**28 floats per shard). An init "
+            "holds 4 bytes per float of a shard's slice: for larger slices set at least 4 times the floats "
+            "in the largest slice (dcasgd status shows each shard's [lo, hi)); 0: no limit",
         )
     )
     passed_on.append(

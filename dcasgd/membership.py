@@ -10,6 +10,11 @@ from it, so a claim never hands it out again: two workers with one id would lose
 pushes as duplicates. When a worker's command ends, its wrapper reports the exit status
 (``done``); once every worker has, the job is over and a shard started with
 ``--exit-when-done`` exits.
+
+Under CURVE each peer has a key (its public key, as the ZAP handler reports it), and a worker
+id belongs to the key that first used it in the run, by a claim or by any request that names
+it: a request with another key for that id is :class:`Forbidden`, claims and ``done`` included.
+Without CURVE there are no keys, and any peer can act as any worker.
 """
 
 from __future__ import annotations
@@ -19,6 +24,10 @@ from typing import Any
 
 class NoFreeWorkerId(Exception):
     """Every id of the job is held by another name."""
+
+
+class Forbidden(Exception):
+    """A worker id is used with a client key other than the one that first used it."""
 
 
 class Membership:
@@ -32,19 +41,40 @@ class Membership:
         self.unnamed: set[int] = set()  # ids in use by workers that were given them, not claimed
         self._seen: set[int] = set()  # ids that seen() already looked at: every request calls it
         self.finished: dict[int, int] = {}  # id -> exit status (0..255)
+        self.owners: dict[int, str] = {}  # id -> the client key (CURVE public key, Z85) that first used it
 
-    def claim(self, name: str) -> int:
-        """The id of worker ``name``: the one it had, else the lowest free one.
+    def check_owner(self, worker: int, key: str | None) -> None:
+        """Raise :class:`Forbidden` if ``worker`` belongs to a key other than ``key`` (None: no CURVE, no check)."""
+        if key is None:
+            return
+        owner = self.owners.get(worker)
+        if owner is not None and owner != key:
+            raise Forbidden(
+                f"worker id {worker} belongs to another client key in this run (the key that first used it); "
+                "each worker id is used by one key: give this worker another id, or the key of that id's worker"
+            )
 
-        Raises :class:`NoFreeWorkerId` when all ``num_workers`` ids are held by other names or
-        by workers that the environment gave their id (:meth:`seen`).
+    def _bind(self, worker: int, key: str | None) -> None:
+        if key is not None:
+            self.owners.setdefault(worker, key)
+
+    def claim(self, name: str, key: str | None = None) -> int:
+        """The id of worker ``name``: the one it had, else the lowest free one; it then belongs to ``key``.
+
+        Raises :class:`NoFreeWorkerId` when all ``num_workers`` ids are held by other names, by
+        workers that the environment gave their id (:meth:`seen`) or by other keys, and
+        :class:`Forbidden` when ``name`` holds an id that belongs to another key.
         """
         if name in self.names:
-            return self.names[name]
-        held = set(self.names.values()) | self.unnamed
+            worker = self.names[name]
+            self.check_owner(worker, key)
+            self._bind(worker, key)
+            return worker
+        held = set(self.names.values()) | self.unnamed | set(self.owners)
         for worker in range(self.num_workers):
             if worker not in held:
                 self.names[name] = worker
+                self._bind(worker, key)
                 return worker
         holders = ", ".join(sorted(self.names))
         if self.unnamed:
@@ -57,8 +87,11 @@ class Membership:
             "or start the shards with a larger --num-workers"
         )
 
-    def seen(self, worker: int) -> None:
-        """A request came from worker id ``worker``: unless a name holds it, it is held by a worker without one."""
+    def seen(self, worker: int, key: str | None = None) -> None:
+        """A request came from worker id ``worker`` (with client ``key``, which :meth:`check_owner` let
+        through): unless a name holds it, it is held by a worker without one; and it belongs to ``key``
+        if no key had used it."""
+        self._bind(worker, key)
         if worker in self._seen:
             return
         self._seen.add(worker)
@@ -89,6 +122,7 @@ class Membership:
             "names": [[n, w] for n, w in self.names.items()],
             "unnamed": sorted(self.unnamed),
             "finished": sorted(self.finished.items()),
+            "owners": sorted([w, k] for w, k in self.owners.items()),
         }
 
     @classmethod
@@ -100,4 +134,6 @@ class Membership:
             # Checkpoints written before unnamed ids were recorded have none.
             m.unnamed = {int(w) for w in state.get("unnamed", ()) if 0 <= int(w) < num_workers}
             m.finished = {int(w): int(s) for w, s in state["finished"] if 0 <= int(w) < num_workers}
+            # Checkpoints written before ids belonged to keys have no owners: the next key to use an id takes it.
+            m.owners = {int(w): str(k) for w, k in state.get("owners", ()) if 0 <= int(w) < num_workers}
         return m

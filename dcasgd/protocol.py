@@ -11,7 +11,8 @@ Two kinds of bad input:
 - not a message at all (no header frame, a header that is too large, not msgpack,
   not a map): :class:`MalformedMessage`; the server drops it and counts it.
 - a message with a readable header that is wrong (unknown op, worker out of range,
-  wrong size, wrong dtype, wrong fingerprint, seq < 1, wrong frame count):
+  wrong size, wrong dtype, wrong fingerprint, seq < 1, wrong frame count, a worker id
+  that belongs to another CURVE key):
   :class:`ProtocolError` with a ``code``; the server answers with an error reply.
 """
 
@@ -58,6 +59,7 @@ ALREADY_PUSHED = "already_pushed"
 NON_FINITE = "non_finite"
 RESTARTED = "restarted"
 NO_WORKER_ID = "no_worker_id"
+FORBIDDEN = "forbidden"  # CURVE: the worker id belongs to another client key in this run
 MAX_NAME_CHARS = 256
 
 if sys.byteorder != "little":  # payloads are little-endian float32, read in place

@@ -36,6 +36,17 @@ log = logging.getLogger("dcasgd.server")
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
 DEFAULT_IO_THREADS = 1  # ZeroMQ I/O threads per shard; measured in docs/benchmarks.md "Transport"
 _POLL_MS = 100  # how often the loop wakes up to check stop flags and sync deadlines
+# What one peer may hold in the server. A worker has a request or two in flight and reads its answers;
+# a peer that does not read would otherwise pin a snapshot of the weights per unsent answer. ZeroMQ's
+# high-water marks count whole messages, per peer on a ROUTER: a reply beyond them is dropped and counted
+# (``reply_queue_full``), a request beyond them waits in the network (ZeroMQ stops reading that peer).
+MAX_QUEUED_REQUESTS = 4  # RCVHWM: each up to --max-message-bytes
+MAX_QUEUED_REPLIES = 64  # SNDHWM: headers (a burst of small answers fits)
+MAX_WEIGHT_REPLIES = 4  # answers with weights not yet sent (their trackers): a snapshot each, at most
+# ZeroMQ's frame size limit before the model size is known: an init of up to 2**28 floats per shard (a
+# model of 1G parameters on 4 shards). Once the size is known (a resumed shard), the largest legal frame.
+DEFAULT_MAX_MESSAGE_BYTES = 1 << 30
+_ENVELOPE = 4096  # bytes a frame may exceed its payload on the wire (CURVE's box and command name)
 
 
 class BindError(ValueError):
@@ -58,7 +69,7 @@ class ShardServer:
         config: ShardConfig,
         *,
         max_header_bytes: int = protocol.DEFAULT_MAX_HEADER_BYTES,
-        max_message_bytes: int = 0,
+        max_message_bytes: int | None = None,
         checkpoint_dir: str | os.PathLike[str] | None = None,
         checkpoint_every: float = 0.0,
         resume: bool = False,
@@ -73,7 +84,7 @@ class ShardServer:
         self.shard = ShardState(config)
         self._setup_checkpoints(checkpoint_dir, checkpoint_every, resume)  # with resume, replaces self.shard
         self.max_header_bytes = max_header_bytes
-        self.max_message_bytes = max_message_bytes
+        self.max_message_bytes = self._message_limit(max_message_bytes)
         if io_threads < 1:
             raise ValueError(f"io_threads must be >= 1, got {io_threads}")
         self._ipc_file: tuple[str, int] | None = None  # (path, inode) of the socket file this server made
@@ -85,10 +96,12 @@ class ShardServer:
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unroutable replies raise instead of vanishing
         self._sock.setsockopt(zmq.LINGER, 1000)
-        self._sock.setsockopt(zmq.SNDHWM, 10_000)
-        self._sock.setsockopt(zmq.RCVHWM, 10_000)
-        if max_message_bytes > 0:  # ZeroMQ drops the connection of a peer that sends a larger frame
-            self._sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+        self._sock.setsockopt(zmq.SNDHWM, MAX_QUEUED_REPLIES)
+        self._sock.setsockopt(zmq.RCVHWM, MAX_QUEUED_REQUESTS)
+        if self.max_message_bytes > 0:  # ZeroMQ drops the connection of a peer that sends a larger frame
+            # Set before bind: libzmq copies the options into the listener, so a later change would not
+            # reach new connections (and unbind + bind would cut every connection).
+            self._sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
         self._auth = None
         if secured:  # CURVE: encrypted, and only workers whose public keys are in curve_clients get through
             self._auth = security.secure_server_socket(self._sock, self._ctx, curve_secret_key, curve_clients)
@@ -118,8 +131,19 @@ class ShardServer:
         self.lock = threading.Lock()
         # (identity, rid, op) of sync pushes waiting for their round, per worker.
         self._deferred: dict[int, tuple[bytes, int, str]] = {}
+        # Per peer, the trackers of the weight frames handed to ZeroMQ and maybe not sent yet.
+        self._unsent: dict[bytes, list[zmq.MessageTracker]] = {}
         # Return from serve() once every worker has reported its end (docker compose: the job is over).
         self.exit_when_done = exit_when_done
+
+    def _message_limit(self, requested: int | None) -> int:
+        """ZeroMQ's frame limit: ``requested`` if given (0: none), else the largest legal frame when the
+        model size is known (resumed from a checkpoint), else ``DEFAULT_MAX_MESSAGE_BYTES``."""
+        if requested is not None:
+            return requested
+        if not self.shard.initialized:
+            return DEFAULT_MAX_MESSAGE_BYTES + _ENVELOPE
+        return max(self.max_header_bytes, self.shard.size * protocol.ITEMSIZE) + _ENVELOPE
 
     def stop(self) -> None:
         """Ask :meth:`serve` to return (safe from a signal handler or another thread)."""
@@ -179,6 +203,7 @@ class ShardServer:
                         except zmq.Again:
                             break
                         self.handle(frames)
+                        del frames  # the loop would keep the last message (a payload of any size) until the next
             with self.lock:
                 for reply in self.shard.expire(time.monotonic()):
                     self._send_reply(reply, self._deferred.pop(reply.worker, None))
@@ -195,6 +220,8 @@ class ShardServer:
             self._drop("no header frame")
             return
         ident, header, payloads = frames[0].bytes, frames[1], frames[2:]
+        # The peer's CURVE public key, as the authenticator reported it; None without CURVE.
+        key = header.get("User-Id") if self._auth is not None else None
         try:
             h = protocol.unpack(header.buffer, self.max_header_bytes)
         except MalformedMessage as exc:
@@ -212,13 +239,14 @@ class ShardServer:
                 raise ProtocolError(
                     protocol.RESTARTED, f"shard {self.config.shard} restarted (now {self.instance}); say hello and pull"
                 )
-            self.shard.check(req)
+            self.shard.check(req, key)
             if req.worker is not None and req.op != "claim":
-                # An id in use, claimed or not, is never handed out by a claim (two workers would share it).
-                self.shard.members.seen(req.worker)
+                # An id in use, claimed or not, is never handed out by a claim (two workers would share it),
+                # and under CURVE it belongs to the key that first used it (stats, for anyone, binds nothing).
+                self.shard.members.seen(req.worker, None if req.op == "stats" else key)
             self.counters["op:" + req.op] += 1
             route = (ident, req.rid, req.op)
-            replies = self._dispatch(req, payloads)
+            replies = self._dispatch(req, payloads, key)
             answered = False
             for reply in replies:
                 if reply.worker == req.worker and not answered:
@@ -237,7 +265,7 @@ class ShardServer:
             log.debug("error reply %s to %r", exc, ident)
             self._send(ident, protocol.error_header(rid, exc.code, exc.message, shard=self.config.shard))
 
-    def _dispatch(self, req: protocol.Request, payloads: list[zmq.Frame]) -> list[Reply]:
+    def _dispatch(self, req: protocol.Request, payloads: list[zmq.Frame], key: str | None) -> list[Reply]:
         if req.op == "stats":
             return [Reply(req.worker, self.stats())]
         if req.op == "hello":
@@ -247,7 +275,7 @@ class ShardServer:
         if req.op == "pull":
             return [self.shard.pull(req.worker, req.rid, req.keep)]
         if req.op == "claim":
-            return [Reply(req.worker, self.shard.claim(req.name))]
+            return [Reply(req.worker, self.shard.claim(req.name, key))]
         if req.op == "done":
             return self.shard.done(req.worker, req.status, time.monotonic())
         return self.shard.push(req, _as_tensor(payloads[0], req.dtype), time.monotonic())
@@ -256,6 +284,7 @@ class ShardServer:
         """The shard's counters plus the server's (messages, bytes, drops, errors)."""
         s = self.shard.stats()
         s["server"] = dict(self.counters)
+        s["max_message_bytes"] = self.max_message_bytes
         s.update(self._restart_info())
         return s
 
@@ -332,12 +361,23 @@ class ShardServer:
             self._send(ident, header)
             return
         snap = reply.snapshot
+        unsent = [t for t in self._unsent.pop(ident, ()) if not t.done]
+        if len(unsent) >= MAX_WEIGHT_REPLIES:  # the peer does not read: keep no more weights for it
+            self._unsent[ident] = unsent
+            self.counters["unroutable_replies"] += 1
+            self.counters["reply_queue_full"] += 1
+            log.debug("reply to %r not sent: %d answers with weights wait for it", ident, len(unsent))
+            return
         if not self._send(ident, header, more=True):
             return
         buf = snap.tensor.view(torch.uint8).numpy()  # raw bytes of any wire type (numpy has no bfloat16)
         tracker = self._sock.send(buf, copy=False, track=True)
         snap.hold(tracker)  # the shard will not reuse this buffer until ZeroMQ is done with it
         self.counters["bytes_out"] += buf.nbytes
+        unsent.append(tracker)
+        self._unsent[ident] = unsent
+        if len(self._unsent) > 256:  # peers come and go: forget those with nothing in flight
+            self._unsent = {i: ts for i, ts in self._unsent.items() if not all(t.done for t in ts)}
 
     def _send(self, ident: bytes, header: dict[str, Any], more: bool = False) -> bool:
         data = protocol.pack(header)
@@ -345,6 +385,8 @@ class ShardServer:
             self._sock.send(ident, zmq.SNDMORE | zmq.NOBLOCK)
         except zmq.ZMQError as exc:  # peer gone (EHOSTUNREACH) or its queue full (EAGAIN)
             self.counters["unroutable_replies"] += 1
+            if exc.errno == zmq.EAGAIN:  # MAX_QUEUED_REPLIES wait for it already: it does not read them
+                self.counters["reply_queue_full"] += 1
             log.debug("reply to %r not sent: %s", ident, exc)
             return False
         self._sock.send(data, zmq.SNDMORE if more else 0)

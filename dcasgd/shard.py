@@ -24,14 +24,16 @@ from torch import Tensor
 
 from . import rules
 from .layout import shard_ranges
-from .membership import Membership, NoFreeWorkerId
+from .membership import Forbidden, Membership, NoFreeWorkerId
 from .protocol import (
     BAD_BASE,
     BAD_DTYPE,
     BAD_FINGERPRINT,
     BAD_OP,
     BAD_RANGE,
+    BAD_SEQ,
     BAD_SIZE,
+    FORBIDDEN,
     ITEMSIZE,
     NO_WEIGHTS,
     NO_WORKER_ID,
@@ -46,6 +48,13 @@ log = logging.getLogger("dcasgd.shard")
 
 DC_MODES = frozenset({"dcasgd", "dcasgd-a"})
 EXACT_STALENESS = 256  # staleness values below this are counted one by one; above, in power-of-two buckets
+# How far a push's seq may run ahead of the last one this shard applied from that worker. A worker
+# numbers its pushes 1, 2, 3, ... from the largest last_seq its shards report, so here its seq is
+# last_seq + 1 or a repeat, unless this shard lost pushes the others kept: resumed from a checkpoint
+# older than their state, it is behind by the pushes since (with --checkpoint-every 60, a minute's
+# worth: 60,000 at 1000 pushes a second). 2**20 is over 17 minutes at that rate; a stray seq (2**64 - 1
+# would make every later push of that worker a duplicate) is refused before it is stored.
+MAX_SEQ_AHEAD = 2**20
 
 
 def staleness_bucket(staleness: int) -> int:
@@ -196,8 +205,17 @@ class ShardState:
         """Number of float32 elements this shard owns."""
         return self.hi - self.lo
 
-    def check(self, req: Request) -> None:
-        """Refuse a request that does not fit this shard's state. Raises ProtocolError."""
+    def check(self, req: Request, key: str | None = None) -> None:
+        """Refuse a request that does not fit this shard's state. Raises ProtocolError.
+
+        ``key``: the peer's CURVE public key (None without CURVE); a worker id belongs to the key
+        that first used it (``forbidden`` for any other key; ``stats`` is for anyone).
+        """
+        if req.worker is not None and req.op != "stats":
+            try:
+                self.members.check_owner(req.worker, key)
+            except Forbidden as exc:
+                raise ProtocolError(FORBIDDEN, str(exc)) from None
         if req.op == "init":
             lo, hi = shard_ranges(req.n, self.config.num_shards)[self.config.shard]
             if (req.lo, req.hi) != (lo, hi):
@@ -237,6 +255,12 @@ class ShardState:
                     BAD_SIZE,
                     f"payload of {req.nbytes} bytes, shard {self.config.shard} expects {self.size * self._itemsize}",
                 )
+            if req.seq > self.last_seq[req.worker] + MAX_SEQ_AHEAD:
+                raise ProtocolError(
+                    BAD_SEQ,
+                    f"seq {req.seq} of worker {req.worker} is more than {MAX_SEQ_AHEAD} ahead of the last one "
+                    f"shard {self.config.shard} applied ({self.last_seq[req.worker]})",
+                )
             if self.received_version[req.worker] is None:
                 raise ProtocolError(NO_WEIGHTS, f"worker {req.worker} pushed before it ever received weights")
             kept = (self.received_version[req.worker], self.previous_version[req.worker])
@@ -269,12 +293,17 @@ class ShardState:
             "last_seq": self.last_seq[worker],
         }
 
-    def claim(self, name: str) -> dict[str, Any]:
-        """A worker id for the worker called ``name`` (the same one again for the same name)."""
+    def claim(self, name: str, key: str | None = None) -> dict[str, Any]:
+        """A worker id for the worker called ``name`` (the same one again for the same name).
+
+        ``key``: the claimer's CURVE public key (None without CURVE); the id then belongs to it.
+        """
         try:
-            worker = self.members.claim(name)
+            worker = self.members.claim(name, key)
         except NoFreeWorkerId as exc:
             raise ProtocolError(NO_WORKER_ID, str(exc)) from None
+        except Forbidden as exc:
+            raise ProtocolError(FORBIDDEN, f"{exc} (name {name!r} has that id)") from None
         log.info("shard %d: worker id %d is %r", self.config.shard, worker, name)
         return {"worker": worker, "name": name, "num_workers": self.config.num_workers}
 

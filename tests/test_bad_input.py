@@ -22,6 +22,7 @@ from conftest import RawPeer, start_cluster
 from dcasgd import Client
 from dcasgd import protocol as P
 from dcasgd.layout import flat_fingerprint
+from dcasgd.shard import MAX_SEQ_AHEAD
 
 N = 1000
 WORKERS = 3  # 0: a well-behaved Client; 1: the raw peer, which holds weights; 2: never receives weights
@@ -253,6 +254,9 @@ ERROR_CASES = [
     case("push-seq-missing", P.BAD_HEADER, head("push", seq=MISSING), G),
     case("push-seq-float", P.BAD_HEADER, head("push", seq=1.0), G),
     case("push-seq-bool", P.BAD_HEADER, head("push", seq=True), G),
+    # a seq far ahead of the worker's last one (it would make every later push a duplicate): refused, not stored
+    case("push-seq-2**64-1", P.BAD_SEQ, head("push", seq=2**64 - 1), G),
+    case("push_pull-seq-past-the-window", P.BAD_SEQ, head("push_pull", seq=MAX_SEQ_AHEAD + 1000), G),
     # learning rate
     case("lr-nan", P.BAD_LR, head("push", lr=math.nan), G),
     case("lr-inf", P.BAD_LR, head("push", lr=math.inf), G),

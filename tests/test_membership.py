@@ -15,7 +15,7 @@ from torch import Tensor
 from dcasgd import Client, ServerError, checkpoint
 from dcasgd import protocol as P
 from dcasgd.client import claim_worker_id, fetch_stats
-from dcasgd.membership import Membership, NoFreeWorkerId
+from dcasgd.membership import Forbidden, Membership, NoFreeWorkerId
 from dcasgd.protocol import ProtocolError, Request
 from dcasgd.rules import RuleConfig
 from dcasgd.server import ShardServer
@@ -86,7 +86,7 @@ def test_membership_export_and_from_state_round_trip():
     m.claim("host-a")
     m.finish(1, 2)
     s = m.export_state()
-    assert s == {"names": [["host-b", 0], ["host-a", 1]], "unnamed": [], "finished": [(1, 2)]}
+    assert s == {"names": [["host-b", 0], ["host-a", 1]], "unnamed": [], "finished": [(1, 2)], "owners": []}
     r = Membership.from_state(3, s)
     assert r.num_workers == 3 and r.names == m.names and r.finished == m.finished
     assert list(r.names) == ["host-b", "host-a"], "claim order is kept"
@@ -121,6 +121,49 @@ def test_an_id_in_use_without_a_name_is_never_claimed():
     only_given.seen(0)
     with pytest.raises(NoFreeWorkerId, match=r"by ids 0, 1 given by DCASGD_WORKER_ID"):
         only_given.claim("late")
+
+
+KEY_A, KEY_B = "A" * 40, "B" * 40  # CURVE public keys as the authenticator reports them (Z85)
+
+
+@pytest.mark.timeout(10)
+def test_an_id_belongs_to_the_key_that_first_used_it_and_a_checkpoint_keeps_it(tmp_path):
+    m = Membership(3)
+    m.check_owner(0, KEY_B)  # nobody used id 0 yet
+    m.seen(0, KEY_A)
+    m.check_owner(0, KEY_A)
+    m.check_owner(0, None)  # without CURVE there are no keys to tell apart
+    with pytest.raises(Forbidden, match="worker id 0 belongs to another client key"):
+        m.check_owner(0, KEY_B)
+    assert m.claim("b-host", KEY_B) == 1 and m.owners == {0: KEY_A, 1: KEY_B}
+    with pytest.raises(Forbidden):
+        m.claim("b-host", KEY_A)  # a name does not move its id to another key
+    assert m.claim("b-host", KEY_B) == 1
+    m.seen(1, KEY_A)  # only called after check_owner let a request through: the first key stays
+    assert m.owners[1] == KEY_B
+    # The shard: every op on an id refused for another key, before anything else is looked at.
+    st = ShardState(sync_config(3))
+    st.members = Membership.from_state(3, m.export_state())
+    assert st.members.owners == {0: KEY_A, 1: KEY_B}
+    for op, fields in [("hello", {}), ("pull", {"fp": "x"}), ("done", {"status": 0}), ("push", {"seq": 1})]:
+        with pytest.raises(ProtocolError) as err:
+            st.check(Request(op=op, rid=1, worker=0, **fields), KEY_B)
+        assert err.value.code == P.FORBIDDEN, op
+    st.check(Request(op="stats", rid=1, worker=0), KEY_B)  # stats are for anyone
+    with pytest.raises(ProtocolError) as err:
+        st.claim("b-host", KEY_A)
+    assert err.value.code == P.FORBIDDEN and "'b-host'" in err.value.message
+    # On disk; a checkpoint from before keys were kept has no owners: the next key takes an id.
+    d, _ = sync_job(3)
+    d.state.members = st.members
+    r = checkpoint.read(checkpoint.save(d.state, tmp_path), d.state.config)
+    assert r.members.owners == {0: KEY_A, 1: KEY_B}
+    old = {k: v for k, v in m.export_state().items() if k != "owners"}
+    assert Membership.from_state(3, old).owners == {}
+    # A new run (every worker had finished) hands ids out afresh, to any key.
+    for w in range(3):
+        r.members.finish(w, 0)
+    assert r.restart_if_finished() and r.members.owners == {}
 
 
 # --- ShardState: claim and done as the server calls them --------------------------------------------------

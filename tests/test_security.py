@@ -18,7 +18,7 @@ import zmq.auth
 
 from dcasgd import Client, protocol
 from dcasgd.cli import main as cli_main
-from dcasgd.client import HandshakeError, fetch_stats
+from dcasgd.client import HandshakeError, claim_worker_id, fetch_stats
 from dcasgd.security import ENV_KEY, ENV_SERVER_KEY, SecurityError, generate_keypair
 from dcasgd.server import ShardServer
 from dcasgd.shard import ShardConfig
@@ -313,3 +313,86 @@ def test_curve_over_ipc(cluster_factory, keys):
         with pytest.raises(HandshakeError):
             fetch_stats(cl.endpoints[0], timeout=2.0, curve_key=keys.stranger_secret, server_key=keys.server_public)
     assert "CURVE on: 1 allowed client key(s)" in cl.log(0)
+
+
+# --- a worker id belongs to the key that first used it ------------------------------------------
+
+
+def ask(sock: zmq.Socket, op: str, worker: int | None = 0, payload: torch.Tensor | None = None, **fields) -> dict:
+    """One request on a raw (CURVE) DEALER; the reply header. Waits up to 20 s for it."""
+    h = {"v": protocol.PROTOCOL_VERSION, "op": op, "rid": next(_rids), **fields}
+    if worker is not None:
+        h["worker"] = worker
+    sock.send_multipart([protocol.pack(h)] + ([payload.numpy()] if payload is not None else []))
+    assert sock.poll(20_000), f"no reply to {op}"
+    frames = sock.recv_multipart()
+    return protocol.unpack(frames[0], max_bytes=1 << 24)
+
+
+_rids = iter(range(10_000, 10**9))
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_id_belongs_to_the_key_that_first_used_it(cluster_factory, keys, tmp_path):
+    """Another allowed key gets `forbidden` for every op on that id (claim and done too), and that
+    survives a restart from a checkpoint; stats stay open to every allowed key."""
+    other_public, other_secret = generate_keypair(tmp_path / "other", "worker1")
+    (keys.clients / "worker1.key").write_bytes(other_public.read_bytes())
+    ckpt = tmp_path / "ckpt"
+    opts = (*keys.server_args, "--checkpoint-dir", str(ckpt), "--checkpoint-every", "0", "--exit-when-done")
+    g = gradient()
+    with cluster_factory(1, 3, "dcasgd", *opts) as cl:
+        ep = cl.endpoints[0]
+        kw = {"curve_key": keys.allowed_secret, "server_key": keys.server_public}
+        assert claim_worker_id(ep, "alpha", timeout=20.0, **kw)["worker"] == 0
+        c0 = keys.allowed(cl.endpoints, 0)
+        c0.init(weights())
+        c0.pull()
+        w1 = c0.push_pull(g, lr=LR)
+        ctx = zmq.Context()
+        try:
+            intruder = curve_dealer(ctx, ep, other_secret, keys.server_public)
+            fp = c0.fingerprint
+            push = dict(fp=fp, lr=1.0, dtype=protocol.DTYPE, nbytes=4 * N)
+            refused = [
+                ask(intruder, "push_pull", 0, g, seq=2**64 - 1, **push),
+                ask(intruder, "push", 0, g, seq=2, **push),
+                ask(intruder, "pull", 0, fp=fp),
+                ask(intruder, "hello", 0),
+                ask(intruder, "done", 0, status=0),
+                ask(intruder, "claim", None, name="alpha"),
+            ]
+            for reply in refused:
+                assert reply["ok"] is False and reply["code"] == protocol.FORBIDDEN, reply
+            assert "belongs to another client key" in refused[0]["msg"]
+            # Free ids are the intruder's once it uses them (first use), never the one in use.
+            assert ask(intruder, "claim", None, name="x")["worker"] == 1
+            assert ask(intruder, "done", 1, status=0)["ok"] is True
+            assert ask(intruder, "claim", None, name="y")["worker"] == 2
+            assert ask(intruder, "done", 2, status=0)["ok"] is True
+            assert ask(intruder, "stats", None)["ok"] is True
+            st = c0.stats()[0]
+            assert st["last_seq"][0] == 1 and st["version"] == 1 and st["finished"] == [[1, 0], [2, 0]]
+            assert st["server"]["error:forbidden"] == 6
+            # The real worker 0 goes on: its next push is applied, not a duplicate.
+            w2 = c0.push_pull(g, lr=LR)
+            assert not torch.equal(w2, w1) and c0.stats()[0]["last_seq"][0] == 2
+            c0.close()
+            intruder.close()
+        finally:
+            ctx.destroy(linger=0)
+    assert cl.procs[0].returncode == 0
+    # Resumed from the checkpoint written on stop: the ids still belong to the same keys.
+    with cluster_factory(1, 3, "dcasgd", *opts, "--resume") as cl:
+        ctx = zmq.Context()
+        try:
+            intruder = curve_dealer(ctx, cl.endpoints[0], other_secret, keys.server_public)
+            assert ask(intruder, "hello", 0)["code"] == protocol.FORBIDDEN
+            assert ask(intruder, "hello", 1)["ok"] is True
+            c0 = keys.allowed(cl.endpoints, 0)
+            assert c0.shard_info[0]["last_seq"] == 2
+            assert ask(intruder, "done", 0, status=0)["code"] == protocol.FORBIDDEN
+            c0.done(0)
+            intruder.close()
+        finally:
+            ctx.destroy(linger=0)
