@@ -18,7 +18,7 @@ from dcasgd.cli import main
 from dcasgd.client import fetch_stats
 from dcasgd.export import Export, ExportError, tensors
 from dcasgd.layout import fingerprint, flat_fingerprint
-from dcasgd.protocol import Request
+from dcasgd.protocol import BAD_FRAMES, NOT_INITIALIZED, ProtocolError, Request, validate_request
 from dcasgd.shard import ShardConfig, ShardState
 
 
@@ -74,7 +74,9 @@ def assert_loads_exactly(path, expected: dict[str, torch.Tensor]) -> None:
 
 
 @pytest.mark.timeout(120)
-def test_export_from_live_shards_and_from_checkpoints_gives_the_pulled_weights(cluster_factory, tmp_path, capsys):
+def test_export_from_live_shards_and_from_checkpoints_gives_the_pulled_weights(
+    cluster_factory, tmp_path, capsys, monkeypatch
+):
     ckpt = tmp_path / "ckpt"
     with cluster_factory(2, 1, "dcasgd-a", "--checkpoint-dir", str(ckpt)) as cl:
         expected = trained_job(cl.endpoints)
@@ -92,6 +94,10 @@ def test_export_from_live_shards_and_from_checkpoints_gives_the_pulled_weights(c
         code, _, err = export(*cl.endpoints, "-o", str(tmp_path / "live.pt"), capsys=capsys)
         assert code == 0, err
         assert_loads_exactly(tmp_path / "live.pt", expected)
+        monkeypatch.setenv("DCASGD_SERVERS", ",".join(cl.endpoints))  # no endpoints: the job's environment
+        code, _, err = export("-o", str(tmp_path / "env.safetensors"), capsys=capsys)
+        assert code == 0, err
+        assert_loads_exactly(tmp_path / "env.safetensors", expected)
         assert [fetch_stats(ep)["version"] for ep in cl.endpoints] == versions  # reading moved nothing
     # Stopped (SIGTERM): each shard wrote a last checkpoint.
     code, out, err = export("--checkpoint-dir", str(ckpt), "-o", str(tmp_path / "ckpt.safetensors"), capsys=capsys)
@@ -175,6 +181,13 @@ def test_the_command_line_refuses_in_one_line_without_a_traceback(tmp_path):
 def test_the_weights_op_sends_float32_master_weights_and_moves_no_worker_state():
     """Over a bfloat16 wire the snapshots are rounded; an export gets the float32 weights, and no backup moves."""
     state = ShardState(ShardConfig(num_workers=2, rules=RuleConfig(mode="dcasgd"), wire_dtype="bfloat16"))
+    ask = validate_request({"v": 1, "rid": 3, "op": "weights"}, num_workers=2, payload_frames=0)  # no worker id
+    with pytest.raises(ProtocolError, match="no weights yet") as refused:
+        state.check(ask)
+    assert refused.value.code == NOT_INITIALIZED
+    with pytest.raises(ProtocolError) as refused:
+        validate_request({"v": 1, "rid": 3, "op": "weights"}, num_workers=2, payload_frames=1)
+    assert refused.value.code == BAD_FRAMES
     n = 5
     w = torch.tensor([1.0 + 2**-20, 2.0, 3.0, 4.0, 5.0 + 2**-18])
     fp = flat_fingerprint(n)
@@ -183,7 +196,6 @@ def test_the_weights_op_sends_float32_master_weights_and_moves_no_worker_state()
     state.init(req, w)
     pulled = state.pull(0, rid=2)
     before = (state.backup[0], state.received_version[:], state.previous[:], state._answered[:], pulled.snapshot.refs)
-    ask = Request(op="weights", rid=3, worker=None)
     state.check(ask)
     reply = state.weights(None)
     assert torch.equal(reply.snapshot.tensor, w) and reply.snapshot.tensor.dtype == torch.float32
