@@ -485,7 +485,7 @@ def cmd_export(a: argparse.Namespace) -> int:
         return code
 
     try:
-        export.format_of(a.output)
+        export.check_output(a.output)  # before any shard is asked
         if a.checkpoint_dir is not None:
             if a.endpoints:
                 return fail(2, "give shard endpoints or --checkpoint-dir, not both")

@@ -231,27 +231,38 @@ def write(model: Export, path: str | os.PathLike[str], *, unnamed: bool = False)
     Written to ``<path>.tmp`` and renamed, so a failed export leaves no partial file.
     """
     path = Path(path)
-    kind = format_of(path)
+    kind = check_output(path)
     named, warning = tensors(model, unnamed=unnamed)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        if kind == "safetensors":
-            from safetensors.torch import save_file
+        try:
+            if kind == "safetensors":
+                from safetensors.torch import save_file
 
-            save_file(named, str(tmp), metadata=metadata(model))
-        else:
-            torch.save(named, tmp)
+                save_file(named, str(tmp), metadata=metadata(model))
+            else:
+                torch.save(named, tmp)
+        except OSError:
+            raise
+        except Exception as exc:  # safetensors' SafetensorError, torch's RuntimeError: an I/O failure all the same
+            raise OSError(f"cannot write {path}: {exc}") from None
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return warning
 
 
-def format_of(path: str | os.PathLike[str]) -> str:
-    """``"safetensors"`` or ``"torch"``, from the file name's suffix; :class:`ExportError` for others."""
-    kind = FORMATS.get(Path(path).suffix.lower())
+def check_output(path: str | os.PathLike[str]) -> str:
+    """The format of output file ``path``, ``"safetensors"`` or ``"torch"``, from its suffix.
+
+    :class:`ExportError` for another suffix, or a directory that does not exist.
+    """
+    path = Path(path)
+    kind = FORMATS.get(path.suffix.lower())
     if kind is None:
         raise ExportError(f"{path}: the output's suffix picks the format: .safetensors, or .pt / .pth for torch")
+    if not path.parent.is_dir():
+        raise ExportError(f"{path}: there is no directory {path.parent}")
     return kind
 
 
