@@ -240,6 +240,33 @@ def read(path: str | os.PathLike, config: ShardConfig, fingerprint: str | None =
     return shard
 
 
+def read_header(path: str | os.PathLike) -> dict[str, Any]:
+    """The header of checkpoint file ``path`` (``identity``, ``state``, ``arrays``, ``created``), for tools.
+
+    Read-only and cheap: the arrays are neither read nor checksummed (:func:`read` does both). Raises
+    :class:`CheckpointError` for a file that is not a dcasgd checkpoint or whose header is unreadable.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_HEAD)
+            if len(head) < _HEAD or head[: len(MAGIC)] != MAGIC:
+                raise CheckpointError(f"{path} is not a dcasgd checkpoint (or is truncated)")
+            fmt, hlen = _PREFIX.unpack_from(head, len(MAGIC))
+            if fmt != FORMAT:
+                raise CheckpointError(f"{path} has checkpoint format {fmt}; this dcasgd reads format {FORMAT}")
+            raw = f.read(hlen)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from None
+    try:
+        h = msgpack.unpackb(raw, raw=False)
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise CheckpointError(f"{path} is corrupt: unreadable header ({exc})") from None
+    if not isinstance(h, dict) or not isinstance(h.get("identity"), dict) or not isinstance(h.get("state"), dict):
+        raise CheckpointError(f"{path} is corrupt: its header has no identity or state")
+    return h
+
+
 def _check_identity(path: Path, ident: dict[str, Any], config: ShardConfig, fingerprint: str | None) -> None:
     want = _identity(config)
     ident = {"wire_dtype": "float32", **ident}  # files from before the wire type was a choice

@@ -1,4 +1,4 @@
-"""The ``dcasgd`` command: ``server``, ``worker``, ``launch``, ``status``, ``demo`` and ``keygen``."""
+"""The ``dcasgd`` command: ``server``, ``worker``, ``launch``, ``status``, ``export``, ``demo`` and ``keygen``."""
 
 from __future__ import annotations
 
@@ -248,6 +248,49 @@ def _add_status(sub: argparse._SubParsersAction) -> None:
     )
 
 
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    from .export import DEFAULT_MAX_SKEW
+
+    p = sub.add_parser(
+        "export",
+        help="write the trained model to a .safetensors (or .pt) file, from live shards or their checkpoints",
+        usage="dcasgd export [ENDPOINT ... | --checkpoint-dir DIR] -o FILE [options]",
+        description="Gather the whole model from every shard of a job (live shards, asked read-only, or the "
+        "newest checkpoint of each shard in DIR) and write it as named tensors with the names and shapes the "
+        "workers sent at init: FILE.safetensors (with the job's mode, per-shard versions and fingerprint in "
+        "its metadata) or FILE.pt (a torch state_dict). Without ENDPOINT or DIR: the shards in $DCASGD_SERVERS.",
+    )
+    p.add_argument("endpoints", nargs="*", help="every shard's endpoint, in shard order (default $DCASGD_SERVERS)")
+    p.add_argument("--checkpoint-dir", metavar="DIR", help="export a stopped job from its newest checkpoints in DIR")
+    p.add_argument("-o", "--output", required=True, metavar="FILE", help="FILE.safetensors, or FILE.pt for torch")
+    p.add_argument(
+        "--unnamed",
+        action="store_true",
+        help="the workers sent no parameter names: write param0, param1, ... in parameter order (refused otherwise)",
+    )
+    p.add_argument(
+        "--max-skew",
+        type=float,
+        default=DEFAULT_MAX_SKEW,
+        metavar="SECONDS",
+        help="checkpoints: refuse a set whose files were written further apart (default "
+        f"{DEFAULT_MAX_SKEW:g}; a job stopped together writes them within seconds)",
+    )
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for each shard (default 30)")
+    p.add_argument(
+        "--curve-key",
+        metavar="FILE",
+        default=os.environ.get(security.ENV_KEY) or None,
+        help=f"CURVE: your NAME.key_secret, for shards run with CURVE (default ${security.ENV_KEY})",
+    )
+    p.add_argument(
+        "--curve-server-key",
+        metavar="FILE",
+        default=os.environ.get(security.ENV_SERVER_KEY) or None,
+        help=f"CURVE: the shards' public NAME.key (default ${security.ENV_SERVER_KEY})",
+    )
+
+
 def _add_keygen(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "keygen",
@@ -279,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_worker(sub)
     _add_launch(sub)
     _add_status(sub)
+    _add_export(sub)
     _add_keygen(sub)
     _add_demo(sub)
     return parser
@@ -431,6 +475,38 @@ def cmd_status(a: argparse.Namespace) -> int:
     return code
 
 
+def cmd_export(a: argparse.Namespace) -> int:
+    """Exit 0: written; 2: a usage error or a refusal (one line says why); 1: a shard did not answer, or I/O."""
+    from . import export
+    from .client import DcasgdError, ServerError
+    from .env import JobConfigError, parse_servers
+
+    def fail(code: int, message: str) -> int:
+        print(f"dcasgd export: error: {message}", file=sys.stderr)
+        return code
+
+    try:
+        export.check_output(a.output)  # before any shard is asked
+        if a.checkpoint_dir is not None:
+            if a.endpoints:
+                return fail(2, "give shard endpoints or --checkpoint-dir, not both")
+            if not a.max_skew >= 0:
+                return fail(2, f"--max-skew must be >= 0 seconds, got {a.max_skew}")
+            model = export.from_checkpoints(a.checkpoint_dir, max_skew=a.max_skew)
+        else:
+            servers = parse_servers(a.endpoints or None, or_else="give the shards' endpoints, or --checkpoint-dir DIR")
+            model = export.from_shards(servers, timeout=a.timeout, curve_key=a.curve_key, server_key=a.curve_server_key)
+        warning = export.write(model, a.output, unnamed=a.unnamed)
+    except (export.ExportError, JobConfigError, ServerError, security.SecurityError) as exc:
+        return fail(2, str(exc))
+    except (DcasgdError, OSError) as exc:
+        return fail(1, str(exc))
+    if warning:
+        print(f"dcasgd export: warning: {warning}", file=sys.stderr)
+    print(f"wrote {a.output}: {export.describe(model)}")
+    return 0
+
+
 def cmd_keygen(a: argparse.Namespace) -> int:
     try:
         public, secret = security.generate_keypair(a.dir, a.name)
@@ -455,6 +531,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "worker": cmd_worker,
         "launch": cmd_launch,
         "status": cmd_status,
+        "export": cmd_export,
         "demo": cmd_demo,
         "keygen": cmd_keygen,
     }

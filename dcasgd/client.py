@@ -629,6 +629,28 @@ def fetch_stats(
     return _ask(endpoint, {"op": "stats"}, timeout, keys, context)
 
 
+def fetch_weights(
+    endpoint: str,
+    timeout: float = 30.0,
+    context: zmq.Context | None = None,
+    curve_key: str | os.PathLike[str] | None = None,
+    server_key: str | os.PathLike[str] | None = None,
+) -> tuple[dict[str, Any], Tensor]:
+    """One shard's float32 weights and the job's identity, asked by an observer (``dcasgd export``).
+
+    Read-only on the shard (the ``weights`` op: no worker id, no worker's backup moves). Returns the
+    reply header (``shard, num_shards, mode, fp, layout, n, lo, hi, version, ...``) and a new 1-D
+    float32 tensor of the slice ``[lo, hi)`` at ``version``. Keys and errors as for :func:`fetch_stats`.
+    """
+    keys = client_keys(curve_key, server_key) if curve_key is not None or server_key is not None else None
+    h, frames = _ask_frames(endpoint, {"op": "weights"}, timeout, keys, context)
+    want = (h.get("hi", 0) - h.get("lo", 0)) * protocol.ITEMSIZE
+    if h.get("dtype") != "float32" or len(frames) != 1 or len(frames[0]) != want:
+        got = [len(f) for f in frames]
+        raise DcasgdError(f"{endpoint} answered weights with frames of {got} bytes, expected one of {want} (float32)")
+    return h, torch.frombuffer(bytearray(frames[0]), dtype=torch.float32)
+
+
 def claim_worker_id(
     endpoint: str,
     name: str,
@@ -684,6 +706,13 @@ def _ask(
     endpoint: str, header: dict[str, Any], timeout: float, keys: Any, context: zmq.Context | None
 ) -> dict[str, Any]:
     """One request without a worker id on a fresh socket; the reply header, or an error."""
+    return _ask_frames(endpoint, header, timeout, keys, context)[0]
+
+
+def _ask_frames(
+    endpoint: str, header: dict[str, Any], timeout: float, keys: Any, context: zmq.Context | None
+) -> tuple[dict[str, Any], list[bytes]]:
+    """:func:`_ask`, and the reply's payload frames."""
     ctx = context or zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -698,7 +727,7 @@ def _ask(
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN | zmq.POLLOUT)
         poller.register(monitor, zmq.POLLIN)
-        sent, h = False, None
+        sent, h, payload = False, None, []
         while h is None:
             wait = deadline - time.monotonic()
             ready = dict(poller.poll(max(0, int(wait * 1000)))) if wait > 0 else {}
@@ -714,14 +743,15 @@ def _ask(
                 sent = True
                 poller.modify(sock, zmq.POLLIN)
             if ready.get(sock, 0) & zmq.POLLIN:
-                h = protocol.unpack(sock.recv(), max_bytes=_MAX_REPLY_HEADER, max_items=_MAX_REPLY_HEADER)
+                first, *payload = sock.recv_multipart()
+                h = protocol.unpack(first, max_bytes=_MAX_REPLY_HEADER, max_items=_MAX_REPLY_HEADER)
     finally:
         sock.disable_monitor()
         monitor.close(linger=0)
         sock.close()
     if not h.get("ok"):
         raise ServerError(h.get("shard", -1), endpoint, h.get("code", "?"), h.get("msg", ""))
-    return h
+    return h, payload
 
 
 class _Handshakes:

@@ -34,8 +34,8 @@ WIRE_DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}
 MAX_KEEP = 2  # backups a worker may ask a shard to keep (two with overlapped steps)
 DEFAULT_MAX_HEADER_BYTES = 64 * 1024
 
-OPS = ("hello", "init", "pull", "push", "push_pull", "stats", "claim", "done")
-NO_WORKER_OPS = frozenset({"stats", "claim"})  # asked by a peer that has no worker id (yet)
+OPS = ("hello", "init", "pull", "push", "push_pull", "stats", "claim", "done", "weights")
+NO_WORKER_OPS = frozenset({"stats", "claim", "weights"})  # asked by a peer that has no worker id (yet)
 PAYLOAD_OPS = frozenset({"init", "push", "push_pull"})
 PUSH_OPS = frozenset({"push", "push_pull"})
 WEIGHT_REPLY_OPS = frozenset({"pull", "push_pull"})

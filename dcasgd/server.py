@@ -276,6 +276,10 @@ class ShardServer:
             return [self.shard.pull(req.worker, req.rid, req.keep)]
         if req.op == "claim":
             return [Reply(req.worker, self.shard.claim(req.name, key))]
+        if req.op == "weights":
+            reply = self.shard.weights(req.worker)
+            reply.fields.update(self._restart_info())
+            return [reply]
         if req.op == "done":
             return self.shard.done(req.worker, req.status, time.monotonic())
         return self.shard.push(req, _as_tensor(payloads[0], req.dtype), time.monotonic())

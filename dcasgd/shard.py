@@ -235,6 +235,10 @@ class ShardState:
             return
         if req.op in ("hello", "stats", "done"):
             return
+        if req.op == "weights":  # no fingerprint: an observer (dcasgd export) learns the job from the reply
+            if not self.initialized:
+                raise ProtocolError(NOT_INITIALIZED, f"shard {self.config.shard} has no weights yet (no init)")
+            return
         if req.op == "claim":
             if self.config.shard != 0:
                 raise ProtocolError(BAD_OP, f"this is shard {self.config.shard}: worker ids are claimed from shard 0")
@@ -292,6 +296,30 @@ class ShardState:
             "version": self.version,
             "last_seq": self.last_seq[worker],
         }
+
+    def weights(self, worker: int | None) -> Reply:
+        """The float32 weights now, with the job's identity, for an observer (``dcasgd export``).
+
+        Read-only: no backup, received version or remembered answer moves. The payload is a fresh
+        float32 copy of ``w``, not a snapshot: snapshots are in the wire type (rounded, over a
+        bfloat16 wire) and may be a worker's backup. An export is rare, so one new buffer each time.
+        """
+        fields = {
+            "shard": self.config.shard,
+            "num_shards": self.config.num_shards,
+            "num_workers": self.config.num_workers,
+            "mode": self.mode,
+            "compensation": self.config.compensation,
+            "wire_dtype": self.config.wire_dtype,
+            "fp": self.fp,
+            "layout": self.layout,
+            "n": self.n,
+            "lo": self.lo,
+            "hi": self.hi,
+            "version": self.version,
+            "dtype": "float32",
+        }
+        return Reply(worker, fields, Snapshot(self.w.clone(), self.version))
 
     def claim(self, name: str, key: str | None = None) -> dict[str, Any]:
         """A worker id for the worker called ``name`` (the same one again for the same name).
