@@ -128,6 +128,7 @@ class Client:
         self._send_buf: Tensor | None = None  # the gradient in the wire type, when it is not float32
         self._recv_buf: Tensor | None = None  # weights in the wire type, before widening
         self.versions: list[int] = []  # per shard, the version of the weights received last
+        self.received_from: list[str | None] = []  # per shard, the instance that sent those weights
         self.servers = list(parse_servers(servers))
         if tune_malloc or (tune_malloc is None and os.environ.get("DCASGD_MALLOC_TUNING") == "1"):
             keep_freed_memory()  # process-wide: only when asked (the optimizer reuses its buffers anyway)
@@ -247,15 +248,24 @@ class Client:
         self._weights_call("pull", {"fp": self.fingerprint, "keep": keep}, None, out)
         return out
 
-    def push(self, g: Tensor, lr: float | None = None, *, base: Sequence[int] | None = None) -> list[dict[str, Any]]:
+    def push(
+        self,
+        g: Tensor,
+        lr: float | None = None,
+        *,
+        base: Sequence[int] | None = None,
+        base_from: Sequence[str | None] | None = None,
+    ) -> list[dict[str, Any]]:
         """Apply gradient ``g`` (1-D float32, whole model) with learning rate ``lr`` (>= 0).
 
         ``base``: per shard, the version of the weights ``g`` was computed on (one of the
         last two that shard sent, see :attr:`versions`); None: the newest it sent.
+        ``base_from``: per shard, the instance that sent those weights (:attr:`received_from`
+        when they were received), so a shard restarted since can tell they are gone.
         Returns each shard's reply (``version``, ``staleness``). In sync mode it
         returns when the round completes.
         """
-        return self._push("push", g, lr, None, base, 1)
+        return self._push("push", g, lr, None, base, base_from, 1)
 
     def push_pull(
         self,
@@ -264,6 +274,7 @@ class Client:
         out: Tensor | None = None,
         *,
         base: Sequence[int] | None = None,
+        base_from: Sequence[str | None] | None = None,
         keep: int = 1,
     ) -> Tensor:
         """Apply ``g`` and return the fresh weights in one round trip (into ``out`` if given).
@@ -273,7 +284,7 @@ class Client:
         """
         self._need_layout()
         out = self._out(out)
-        self._push("push_pull", g, lr, out, base, keep)
+        self._push("push_pull", g, lr, out, base, base_from, keep)
         return out
 
     def stats(self) -> list[dict[str, Any]]:
@@ -355,7 +366,14 @@ class Client:
         return out
 
     def _push(
-        self, op: str, g: Tensor, lr: float | None, out: Tensor | None, base: Sequence[int] | None, keep: int
+        self,
+        op: str,
+        g: Tensor,
+        lr: float | None,
+        out: Tensor | None,
+        base: Sequence[int] | None,
+        base_from: Sequence[str | None] | None,
+        keep: int,
     ) -> list[dict[str, Any]]:
         self._need_layout()
         g = _flat(g, "g")
@@ -379,8 +397,15 @@ class Client:
         if op == "push_pull":
             header["keep"] = keep
         if base is None and len(self.versions) == self.num_shards:
-            base = self.versions  # the weights this worker holds, so a restarted shard can tell
-        per_shard = None if base is None else [{"base": int(v)} for v in base]
+            base, base_from = self.versions, self.received_from  # what this worker holds
+        per_shard = None
+        if base is not None:
+            # With the instance that sent them: a shard resumed from a checkpoint numbers versions
+            # anew from the checkpoint's, so a version alone could name other weights there.
+            froms = base_from if base_from is not None else [None] * len(base)
+            per_shard = [
+                {"base": int(v), **({"base_instance": i} if i else {})} for v, i in zip(base, froms, strict=True)
+            ]
         if out is None:
             return self._recovering(op, header, payload=payload, per_shard=per_shard)
         return self._weights_call(op, header, payload, out, per_shard)
@@ -403,6 +428,7 @@ class Client:
         if into is not out:
             out.copy_(into)  # widen: exactly the rounded weights the shard keeps as this worker's backup
         self.versions = [r["version"] for r in replies]
+        self.received_from = list(self._instances)
         return replies
 
     def _recovering(
@@ -431,8 +457,12 @@ class Client:
                 return self._call_all(op, headers, **kw)
             except (ShardTimeout, ServerError) as exc:
                 lost = (protocol.BAD_BASE, protocol.NO_WEIGHTS)
-                if recovered and isinstance(exc, ServerError) and exc.code in lost and op in protocol.PUSH_OPS:
-                    return self._drop_after_restart(op, exc, header.get("keep", 1), kw.get("out"))
+                restarted = recovered or any(  # the weights it was computed on came from an earlier instance
+                    fields.get("base_instance") not in (None, self._instances[s])
+                    for s, fields in enumerate(per_shard or [])
+                )
+                if restarted and isinstance(exc, ServerError) and exc.code in lost and op in protocol.PUSH_OPS:
+                    return self._drop_after_restart(exc.shard, exc.code, header.get("keep", 1), kw)
                 if isinstance(exc, ServerError) and exc.code not in (protocol.RESTARTED, protocol.NOT_INITIALIZED):
                     raise
                 if time.monotonic() > deadline:
@@ -440,15 +470,16 @@ class Client:
                 self._await_shards(deadline)
                 recovered = True
 
-    def _drop_after_restart(self, op: str, exc: ServerError, keep: int, out: Tensor | None) -> list[dict[str, Any]]:
+    def _drop_after_restart(self, shard: int, why: str, keep: int, kw: dict[str, Any]) -> list[dict[str, Any]]:
         """A restarted shard cannot compensate this gradient: pull fresh weights instead of pushing it."""
         log.warning(
             "worker %d: shard %d restarted from a checkpoint without the weights this gradient was computed on "
             "(%s); the gradient is dropped and fresh weights are pulled",
             self.worker_id,
-            exc.shard,
-            exc.code,
+            shard,
+            why,
         )
+        out = kw.get("out")
         into = out if out is not None else torch.empty(self.n, dtype=self._wire)  # rare: once per restart
         headers = [{"fp": self.fingerprint, "keep": keep, "instance": i} for i in self._instances]
         replies = self._call_all("pull", headers, out=into)

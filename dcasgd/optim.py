@@ -170,8 +170,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self._closed = False
         self.overlap = bool(overlap)
         self._sender: ThreadPoolExecutor | None = None
-        self._pending: Future[list[int]] | None = None  # the round trip in flight (overlap)
-        self._reply: list[int] | None = None  # versions of a reply that arrived and is not loaded yet
+        self._pending: Future[tuple[list[int], list[str | None]]] | None = None  # the round trip in flight
+        self._reply: tuple[list[int], list[str | None]] | None = None  # a reply that arrived, not loaded yet
         try:
             self._check_job(job.num_workers)
             if self.overlap and self.client.mode == "sync":
@@ -188,6 +188,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
             self._grads = torch.empty(n, pin_memory=self._on_gpu)
             self._views = [[self._slice(b, i) for i in range(len(self._params))] for b in self._bufs]
             self._versions: list[int] = []  # per shard, the version of the weights the parameters hold
+            self._from: list[str | None] = []  # per shard, the shard instance that sent them
             self._stream = self._d2h = self._h2d = None
             if self._on_gpu:
                 # Copies between the GPU and the pinned buffers run on a side stream, ordered with
@@ -236,7 +237,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
             return loss
         self._wait(reraise=True)  # the reply in flight (normally there already); _grads is free again
         self._gather_grads()
-        computed_on, base = self._held, self._versions  # what this gradient was computed on
+        computed_on, base = self._held, (self._versions, self._from)  # what this gradient was computed on
         if self._reply is not None:
             self._load(1 - self._held, self._reply)
         if self._sender is None:
@@ -246,8 +247,13 @@ class DistributedOptimizer(torch.optim.Optimizer):
         return loss
 
     def _round_trip(
-        self, computed_on: int, into: int, lr: float, keep: int, base: list[int] | None = None
-    ) -> list[int]:
+        self,
+        computed_on: int,
+        into: int,
+        lr: float,
+        keep: int,
+        base: tuple[list[int], list[str | None]] | None = None,
+    ) -> tuple[list[int], list[str | None]]:
         """Weight decay, push and pull: the reply lands in buffer ``into``. Returns its versions per shard.
 
         Runs on the sender thread with overlap: it reads ``_grads`` and buffers ``computed_on``
@@ -257,8 +263,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
             self._d2h.synchronize()  # the gradient's copies to the host are done
             self._h2d.synchronize()  # and the copies out of the buffer the reply will overwrite
         self._add_weight_decay(self._bufs[computed_on])
-        self.client.push_pull(self._grads, lr=lr, out=self._bufs[into], base=base, keep=keep)
-        return list(self.client.versions)
+        versions, froms = base if base is not None else (None, None)
+        self.client.push_pull(self._grads, lr=lr, out=self._bufs[into], base=versions, base_from=froms, keep=keep)
+        return list(self.client.versions), list(self.client.received_from)
 
     def _add_weight_decay(self, weights: Tensor) -> None:
         """``_grads += wd * weights`` for every parameter that has a gradient (per group's wd)."""
@@ -310,7 +317,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         if self._h2d is not None:
             self._h2d.synchronize()  # the last copies out of the buffer must be done before it is overwritten
         self.client.pull(out=self._weights)
-        self._versions = list(self.client.versions)
+        self._versions, self._from = list(self.client.versions), list(self.client.received_from)
         self._scatter()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -425,10 +432,10 @@ class DistributedOptimizer(torch.optim.Optimizer):
             if not self.overlap:
                 self._d2h.synchronize()
 
-    def _load(self, buffer: int, versions: list[int]) -> None:
-        """Make buffer ``buffer`` (a reply) the weights the parameters hold."""
+    def _load(self, buffer: int, reply: tuple[list[int], list[str | None]]) -> None:
+        """Make buffer ``buffer`` (a reply: its versions and the instances that sent them) the weights held."""
         self._held = buffer
-        self._versions = versions
+        self._versions, self._from = reply
         self._reply = None
         self._scatter()
 

@@ -103,6 +103,7 @@ class Request:
     status: int | None = None  # done: the worker command's exit status, 0..255
     dtype: str | None = DTYPE  # the payload's element type (payload ops)
     base: int | None = None  # push: the version of this shard's weights the gradient was computed on
+    base_instance: str | None = None  # push: the shard instance that sent those weights
     keep: int = 1  # pull, push_pull: how many of the newest weights sent to this worker the shard keeps
 
 
@@ -203,6 +204,9 @@ def validate_request(h: dict[str, Any], num_workers: int, payload_frames: int) -
     instance = h.get("instance")
     if instance is not None and (not isinstance(instance, str) or len(instance) > 64):
         raise ProtocolError(BAD_HEADER, "field 'instance' must be a short string")
+    base_instance = h.get("base_instance") if op in PUSH_OPS else None
+    if base_instance is not None and (not isinstance(base_instance, str) or len(base_instance) > 64):
+        raise ProtocolError(BAD_HEADER, "field 'base_instance' must be a short string")
     name = status = None
     if op == "claim":
         name = h.get("name")
@@ -233,6 +237,7 @@ def validate_request(h: dict[str, Any], num_workers: int, payload_frames: int) -
         status=status,
         dtype=dtype,
         base=base,
+        base_instance=base_instance,
         keep=keep,
     )
 

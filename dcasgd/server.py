@@ -239,6 +239,7 @@ class ShardServer:
                 raise ProtocolError(
                     protocol.RESTARTED, f"shard {self.config.shard} restarted (now {self.instance}); say hello and pull"
                 )
+            self._check_base_instance(req)
             self.shard.check(req, key)
             if req.worker is not None and req.op != "claim":
                 # An id in use, claimed or not, is never handed out by a claim (two workers would share it),
@@ -321,6 +322,24 @@ class ShardServer:
             log.info("shard %d: resumed at version %d from %s", self.config.shard, self.shard.version, directory)
         self._ckpt_version = self.resumed_from_version
         self._ckpt_time = time.monotonic()
+
+    def _check_base_instance(self, req: protocol.Request) -> None:
+        """Refuse a push computed on weights an earlier instance sent that this one's checkpoint lacks.
+
+        A shard resumed from a checkpoint numbers new weights from the checkpoint's version on, so a
+        version above it from before the restart names weights that are gone (and the same number
+        may now name others). A duplicate is answered, never applied: it passes.
+        """
+        if req.base is None or req.base_instance is None or req.base_instance == self.instance:
+            return
+        if req.seq is not None and req.seq <= self.shard.last_seq[req.worker]:
+            return
+        if self.resumed_from_version is None or req.base > self.resumed_from_version:
+            raise ProtocolError(
+                protocol.BAD_BASE,
+                f"worker {req.worker} computed on version {req.base} of shard {self.config.shard} before it "
+                f"restarted (resumed at version {self.resumed_from_version}): those weights are gone",
+            )
 
     def _restart_info(self) -> dict[str, Any]:
         return {"instance": self.instance, "resumed_from_version": self.resumed_from_version}

@@ -268,7 +268,8 @@ class ShardState:
             if self.received_version[req.worker] is None:
                 raise ProtocolError(NO_WEIGHTS, f"worker {req.worker} pushed before it ever received weights")
             kept = (self.received_version[req.worker], self.previous_version[req.worker])
-            if req.base is not None and req.base not in kept:
+            duplicate = req.seq is not None and req.seq <= self.last_seq[req.worker]  # answered, never applied
+            if req.base is not None and req.base not in kept and not duplicate:
                 raise ProtocolError(
                     BAD_BASE,
                     f"worker {req.worker} computed on version {req.base}, but shard {self.config.shard} keeps "

@@ -3,6 +3,7 @@ and workers with overlapped steps ride through restarts and repeated answers."""
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import sys
@@ -133,3 +134,36 @@ def test_a_repeated_answer_keeps_the_weights_an_overlapped_worker_computes_on():
     assert (state.received_version[0], state.previous_version[0]) == (2, 0)
     (nxt,) = shard.call("push_pull", 0, torch.ones(8), seq=2, base=0, keep=2)
     assert nxt.fields["staleness"] == 2
+
+
+@pytest.mark.timeout(120)
+def test_a_base_from_before_a_crash_is_not_compensated_against_reused_version_numbers(shard_process, tmp_path):
+    # A crash loses what came after the last checkpoint; the resumed shard numbers new weights from
+    # the checkpoint's version on. A gradient computed on weights of the lost timeline names a
+    # version that now means other weights: the client drops it and pulls, never pushes it.
+    shard = shard_process("dcasgd", 2)
+    ep = shard.start()
+    a, b = Client([ep], 0, timeout=10.0), Client([ep], 1, timeout=10.0)
+    a.init(torch.randn(N, generator=torch.Generator().manual_seed(1)))
+    a.pull(keep=2)
+    b.pull()
+    shard.restart(ep)  # a checkpoint at version 0 (on SIGTERM)
+    kept = tmp_path / "ckpt-v0"
+    shutil.copytree(tmp_path / "ckpt", kept)
+    g = torch.ones(N)
+    a.push_pull(g, lr=LR, base=a.versions, keep=2)  # a now holds version 1 of this timeline
+    lost = (a.versions, a.received_from)
+    shard.proc.kill()  # a crash: version 1 was never checkpointed
+    shard.proc.wait(10)
+    shutil.rmtree(tmp_path / "ckpt")
+    shutil.copytree(kept, tmp_path / "ckpt")
+    shard.start(ep, "--resume")  # back at version 0
+    b.push(torch.full((N,), -1.0), lr=LR)  # version 1 again, other weights
+    a.pull(keep=2)  # an overlapped worker's reply in flight: the new version 1, while it computes on the old
+    assert a.versions == lost[0] and a.received_from != lost[1]
+    fresh = a.push_pull(g, lr=LR, base=lost[0], base_from=lost[1], keep=2)  # computed on the lost version 1
+    stats = a.stats()[0]
+    assert stats["version"] == 1 and stats["updates"][0] == 0, "the gradient was applied against other weights"
+    torch.testing.assert_close(fresh, b.pull(), rtol=0, atol=0)  # it got the shard's weights instead
+    a.close()
+    b.close()
