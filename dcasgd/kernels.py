@@ -231,6 +231,9 @@ def _compile(signatures: list[tuple[str, torch.dtype, torch.dtype | None, bool, 
                 snap = torch.zeros(1, dtype=sd) if sd is not None else None
                 _run(MODE_CODES[mode], w, g, w_bak, torch.zeros(1), v, snap, 0.0, (1.0, 0.5, 1.0), 0.0)
                 _ready.add(key)
+    except ImportError as exc:  # numba is not installed: the fallback serves, correctly
+        _failed = f"{type(exc).__name__}: {exc}"
+        log.info("no numba (%s): the update runs as several torch passes", exc)
     except Exception as exc:  # an old numba, a compile error: the fallback serves, correctly
         _failed = f"{type(exc).__name__}: {exc}"
         log.warning("fused update kernel unavailable, using the torch fallback: %s", _failed)
