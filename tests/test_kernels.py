@@ -80,6 +80,9 @@ def assert_agree(mode: str, t: dict[str, Tensor], momentum: float, wire: torch.d
             torch.testing.assert_close(
                 out["fused"][name], out[other][name], rtol=RTOL, atol=ATOL, msg=lambda m, what=what: f"{what}: {m}"
             )
+    if mode in ("async", "sync"):  # the same operations, rounded the same way (one fma for w)
+        for name in ("w", "v", "g"):
+            assert torch.equal(out["fused"][name], out["fallback"][name]), name
     if wire is not None:  # the snapshot is the new w rounded to the wire type, bit for bit
         fused = out["fused"]
         assert fused["snap"].dtype == wire
