@@ -130,13 +130,12 @@ def _ol_store(a, i, x):
 def make(mode: int, has_v: bool, has_snap: bool):
     """The kernel of one rule; ``mode``, ``has_v``, ``has_snap`` are compile-time constants."""
 
-    def kernel(w, g, wb, ms, v, snap, lr, c1, c2, c3, mu, chunk):
-        # mode 0 async, 1 dcasgd (c1 = lam), 2 dcasgd-a (c1 = lam0, c2 = m, c3 = eps),
+    def kernel(w, g, wb, ms, v, snap, lr, c1, c2, c3, c4, mu, chunk):
+        # mode 0 async, 1 dcasgd (c1 = lam), 2 dcasgd-a (c1 = lam0, c2 = m, c3 = eps, c4 = 1 - m),
         # 3 sync (g is the round's sum, c1 = count; g is zeroed on the way). The last step is
         # one fused multiply-add, as in the fallback: the same w, bit for bit, where d is.
         n = w.shape[0]
         tasks = (n + chunk - 1) // chunk
-        one_m = np.float32(1.0) - c2
         for t in prange(tasks):
             lo = t * chunk
             hi = min(lo + chunk, n)
@@ -155,7 +154,7 @@ def make(mode: int, has_v: bool, has_snap: bool):
                     d = gi + c1 * (gi * gi * (wi - _load(wb_, i)))
                 elif mode == 2:
                     gg = gi * gi
-                    m = c2 * ms_[i] + one_m * gg
+                    m = c2 * ms_[i] + c4 * gg
                     ms_[i] = m
                     d = gi + (c1 / np.sqrt(m + c3)) * (gg * (wi - _load(wb_, i)))
                 else:

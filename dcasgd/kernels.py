@@ -88,7 +88,7 @@ def _compile(signatures: list[tuple[str, torch.dtype, torch.dtype | None, bool, 
                 w_bak = torch.zeros(1, dtype=bd) if bd is not None else None
                 v = torch.zeros(1) if momentum else None
                 snap = torch.zeros(1, dtype=sd) if sd is not None else None
-                _run(MODE_CODES[mode], w, g, w_bak, torch.zeros(1), v, snap, 0.0, (1.0, 0.5, 1.0), 0.0)
+                _run(MODE_CODES[mode], w, g, w_bak, torch.zeros(1), v, snap, 0.0, (1.0, 0.5, 1.0, 0.5), 0.0)
                 _ready.add(key)
     except ImportError as exc:  # numba is not installed: the fallback serves, correctly
         _failed = f"{type(exc).__name__}: {exc}"
@@ -161,6 +161,7 @@ def _run(mode, w, g, w_bak, ms, v, snap, lr, consts, momentum) -> None:
         f32(consts[0]),
         f32(consts[1]),
         f32(consts[2]),
+        f32(consts[3]),
         f32(momentum),
         CHUNK,
     )
@@ -232,13 +233,13 @@ def update(
             raise RuntimeError(f"the fused kernel is unavailable: {_failed}")
     if fused:
         if mode == "dcasgd":
-            consts = (config.lam, 0.0, 0.0)
+            consts = (config.lam, 0.0, 0.0, 0.0)
         elif mode == "dcasgd-a":
-            consts = (config.lam0, config.ms_decay, config.eps)
+            consts = (config.lam0, config.ms_decay, config.eps, 1.0 - config.ms_decay)  # 1 - m rounded once
         elif mode == "sync":
-            consts = (float(count), 0.0, 0.0)
+            consts = (float(count), 0.0, 0.0, 0.0)
         else:
-            consts = (0.0, 0.0, 0.0)
+            consts = (0.0, 0.0, 0.0, 0.0)
         v = momentum_buf if momentum > 0.0 else None
         _run(MODE_CODES[mode], w, g, w_bak, ms, v, snapshot, lr, consts, momentum)
         return True
