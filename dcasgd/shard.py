@@ -15,6 +15,7 @@ only once no worker holds it as a backup and every send that uses it is done
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -22,7 +23,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from . import rules
+from . import kernels, rules
 from .layout import shard_ranges
 from .membership import Forbidden, Membership, NoFreeWorkerId
 from .protocol import (
@@ -170,7 +171,7 @@ class ShardState:
         self.previous_version: list[int | None] = [None] * m
         self.wire_dtype = getattr(torch, config.wire_dtype)
         self._itemsize = WIRE_DTYPES[config.wire_dtype]
-        self._grad32: Tensor | None = None  # a half-size wire's gradient, widened
+        self._grad32: Tensor | None = None  # a half-size wire's gradient, widened (the torch fallback only)
         self.last_seq = [0] * m
         self.updates = [0] * m
         self.staleness: Counter[int] = Counter()
@@ -189,6 +190,19 @@ class ShardState:
         self._current: Snapshot | None = None
         self._retired: list[Snapshot] = []
         self._free: list[Tensor] = []
+        # Seconds spent on the hot path, cumulative: the non-finite check, the rule (with the
+        # snapshot a push_pull's reply carries: the fused kernel writes it in the same pass),
+        # and snapshots written on their own (pulls, replies of the torch fallback's sync rounds).
+        self.phase_seconds = {"check": 0.0, "rule": 0.0, "snapshot": 0.0}
+        self.fused = False  # whether the last update ran the fused kernel (dcasgd/kernels.py)
+        # The fused kernel compiles (or loads from numba's cache) in the background; the first
+        # update waits for it, so that every update of this shard takes the same path.
+        self._compiling = kernels.prepare(
+            self.mode,
+            self.wire_dtype,
+            momentum=config.rules.momentum > 0,
+            backup_float32=config.compensation == "per-parameter",
+        )
         # sync mode
         self.live = set(range(m))
         self._round: dict[int, _Pending] = {}
@@ -433,13 +447,13 @@ class ShardState:
             # on next are still the ones it had before, so they stay kept (keep == 2).
             reply = self._push_reply(worker, want, fields, req.keep, replaces=True)
             return [self._remember(worker, (req.rid, req.op), reply)]
-        if grad.dtype != torch.float32:  # a half-size wire: the rules run in float32
-            if self._grad32 is None:
-                self._grad32 = torch.empty(self.size)
-            grad = self._grad32.copy_(grad)
-        if self.config.non_finite == "refuse" and not bool(torch.isfinite(grad).all()):
-            self.non_finite += 1
-            raise ProtocolError(NON_FINITE, f"gradient from worker {worker} has NaN or Inf values: refused")
+        if self.config.non_finite == "refuse":
+            t0 = time.perf_counter()
+            finite = kernels.finite(grad)  # a sum; element by element only when the sum is not finite
+            self.phase_seconds["check"] += time.perf_counter() - t0
+            if not finite:
+                self.non_finite += 1
+                raise ProtocolError(NON_FINITE, f"gradient from worker {worker} has NaN or Inf values: refused")
         if self.mode == "sync":
             return self._sync_push(req, lr, want, grad, now)
         base = req.base if req.base is not None else self.received_version[worker]
@@ -450,37 +464,9 @@ class ShardState:
         if self.config.compensation == "per-parameter" and self.mode in DC_MODES:
             w_bak = self._w_prev  # the weights before the last update, whoever made it
             self._w_pre.copy_(self.w)
-        r = self.config.rules
-        if self.mode == "async":
-            rules.asgd_step(self.w, grad, lr=lr, momentum=r.momentum, momentum_buf=self._momentum)
-        elif self.mode == "dcasgd":
-            rules.dcasgd_step(
-                self.w,
-                grad,
-                w_bak,
-                lr=lr,
-                lam=r.lam,
-                momentum=r.momentum,
-                momentum_buf=self._momentum,
-                scratch=self._scratch,
-            )
-        else:
-            rules.dcasgd_adaptive_step(
-                self.w,
-                grad,
-                w_bak,
-                self._ms,
-                lr=lr,
-                lam0=r.lam0,
-                ms_decay=r.ms_decay,
-                eps=r.eps,
-                momentum=r.momentum,
-                momentum_buf=self._momentum,
-                scratch=self._scratch,
-            )
+        self._update(grad, lr, w_bak, want)
         if self.config.compensation == "per-parameter" and self.mode in DC_MODES:
             self._w_prev, self._w_pre = self._w_pre, self._w_prev
-        self.version += 1
         reply = self._push_reply(worker, want, {"staleness": staleness}, req.keep)
         return [self._remember(worker, (req.rid, req.op), reply)]
 
@@ -529,6 +515,8 @@ class ShardState:
             "live": sorted(self.live),
             "finished": sorted(self.members.finished.items()),
             "snapshots": 1 + len(self._retired) + len(self._free) if self._current else 0,
+            "phase_seconds": dict(self.phase_seconds),
+            "fused": self.fused,
         }
 
     # --- internals ---------------------------------------------------------------
@@ -540,6 +528,41 @@ class ShardState:
         staleness = self.version - (self.received_version[worker] if base is None else base)
         self.staleness[staleness_bucket(staleness)] += 1
         return staleness
+
+    def _update(self, grad: Tensor, lr: float, w_bak: Tensor | None, want_weights: bool, count: int = 1) -> None:
+        """Apply the rule (one pass when fused) and move to the next version; with
+        ``want_weights``, the same pass writes that version's snapshot."""
+        if self._compiling is not None:
+            self._compiling.join()  # once: then every update takes the same path (same numbers)
+            self._compiling = None
+        # A buffer that no backup holds and no send uses (see _acquire): nothing else reads it.
+        buf = self._acquire() if want_weights else None
+        if self._grad32 is None and grad.dtype != torch.float32:
+            self._grad32 = torch.empty(self.size)
+        t0 = time.perf_counter()
+        try:
+            self.fused = kernels.update(
+                self.mode,
+                self.w,
+                grad,
+                config=self.config.rules,
+                lr=lr,
+                w_bak=w_bak,
+                ms=self._ms,
+                momentum_buf=self._momentum,
+                count=count,
+                snapshot=buf,
+                scratch=self._scratch,
+                g32=self._grad32,
+            )
+        except BaseException:
+            if buf is not None:
+                self._free.append(buf)
+            raise
+        self.phase_seconds["rule"] += time.perf_counter() - t0
+        self.version += 1
+        if buf is not None:
+            self._install(Snapshot(buf, self.version))
 
     def _sync_push(self, req: Request, lr: float, want: bool, grad: Tensor, now: float) -> list[Reply]:
         worker = req.worker
@@ -568,10 +591,8 @@ class ShardState:
     def _close_round(self, now: float) -> list[Reply]:
         members = self._round
         lr = next(reversed(members.values())).lr  # the most recent push's lr
-        r = self.config.rules
-        rules.ssgd_step(self.w, self._grad_sum, len(members), lr=lr, momentum=r.momentum, momentum_buf=self._momentum)
-        self._grad_sum.zero_()
-        self.version += 1
+        want = any(p.want_weights for p in members.values())
+        self._update(self._grad_sum, lr, None, want, count=len(members))  # zeroes the sum
         self.rounds += 1
         self.round_seconds.append(now - self._round_started)
         del self.round_seconds[:-1000]
@@ -649,12 +670,18 @@ class ShardState:
         cur = self._current
         if cur is not None and cur.version == self.version:
             return cur
+        t0 = time.perf_counter()
         snap = Snapshot(self._acquire(), self.version)
         snap.tensor.copy_(self.w)  # rounded to the wire type: the backup is what the worker gets
-        if cur is not None:
-            self._retired.append(cur)
-        self._current = snap
+        self.phase_seconds["snapshot"] += time.perf_counter() - t0
+        self._install(snap)
         return snap
+
+    def _install(self, snap: Snapshot) -> None:
+        """Make ``snap`` (the weights at the current version) the one replies carry."""
+        if self._current is not None:
+            self._retired.append(self._current)
+        self._current = snap
 
     def _acquire(self) -> Tensor:
         """A buffer for a new snapshot: a released one if any, else a new one."""
