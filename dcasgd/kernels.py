@@ -19,6 +19,7 @@ without, once per process).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 
@@ -278,16 +279,20 @@ def _fallback(mode, w, g, config, lr, w_bak, ms, momentum_buf, count, scratch, g
         )
 
 
-def finite(g: Tensor) -> bool:
-    """Whether every element of ``g`` is finite, at the cost of a sum when it is.
+# A DC rule squares the gradient (g*g, and DC-ASGD-a's mean square): beyond this magnitude the
+# square overflows float32 (3.4e38) or comes within a factor of it, and the weights turn NaN.
+GRADIENT_LIMIT = 1e18
 
-    A sum is NaN or Inf whenever an element is; a finite gradient whose sum overflows (huge
-    values; for float16, a sum past 65504) is then checked element by element, so the answer is
-    exact either way. The sum is taken in ``g``'s own type: ``sum(dtype=torch.float32)`` of a
-    half-size gradient converts on the way and costs as much as the element check.
+
+def finite(g: Tensor, limit: float | None = None) -> bool:
+    """Whether every element of ``g`` is finite (and, with ``limit``, at most that in magnitude).
+
+    One min/max pass in ``g``'s own type (NaN propagates through it): about 1.3 ms for 10M
+    floats here, where ``isfinite(g).all()`` takes about 50 ms. Exact, with no sum to overflow.
     """
     if g.numel() == 0:
         return True
-    if bool(torch.isfinite(g.sum())):
-        return True
-    return bool(torch.isfinite(g).all())
+    lo, hi = (float(v) for v in torch.aminmax(g))
+    if limit is None:
+        return math.isfinite(lo) and math.isfinite(hi)
+    return -limit <= lo and hi <= limit  # False for NaN

@@ -449,11 +449,16 @@ class ShardState:
             return [self._remember(worker, (req.rid, req.op), reply)]
         if self.config.non_finite == "refuse":
             t0 = time.perf_counter()
-            finite = kernels.finite(grad)  # a sum; element by element only when the sum is not finite
+            # In DC modes also a gradient whose square would overflow: the weights must never turn non-finite.
+            limit = kernels.GRADIENT_LIMIT if self.mode in DC_MODES else None
+            finite = kernels.finite(grad, limit)
             self.phase_seconds["check"] += time.perf_counter() - t0
             if not finite:
                 self.non_finite += 1
-                raise ProtocolError(NON_FINITE, f"gradient from worker {worker} has NaN or Inf values: refused")
+                beyond = f" or values beyond {limit:g} (their squares overflow float32)" if limit else ""
+                raise ProtocolError(
+                    NON_FINITE, f"gradient from worker {worker} has NaN or Inf values{beyond}: refused, nothing applied"
+                )
         if self.mode == "sync":
             return self._sync_push(req, lr, want, grad, now)
         base = req.base if req.base is not None else self.received_version[worker]

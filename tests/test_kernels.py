@@ -159,9 +159,10 @@ def test_the_cheap_finite_check_is_exact():
         assert not kernels.finite(h)
         assert not kernels.finite(h.to(torch.bfloat16))
     huge = torch.full((1000,), 3e38)
-    assert not torch.isfinite(huge.sum()), "the cheap check fails here"
-    assert kernels.finite(huge), "and the element check finds nothing"
-    assert kernels.finite(torch.full((1000,), 60000.0, dtype=torch.float16)), "a float16 sum overflows: checked"
+    assert not torch.isfinite(huge.sum()), "a sum would overflow here"
+    assert kernels.finite(huge), "the min/max check has no sum to overflow"
+    assert kernels.finite(torch.full((1000,), 60000.0, dtype=torch.float16))
+    assert not kernels.finite(huge, kernels.GRADIENT_LIMIT) and kernels.finite(huge / 1e21, kernels.GRADIENT_LIMIT)
 
 
 # --- the shard's push path -------------------------------------------------------------------
@@ -174,7 +175,7 @@ def shard(mode: str, wire: str = "float32", **kw) -> ShardDriver:
     return d
 
 
-def test_a_non_finite_gradient_is_refused_whole_and_a_huge_finite_one_is_not():
+def test_a_non_finite_gradient_or_one_whose_square_overflows_is_refused_whole():
     d = shard("dcasgd-a")
     d.call("pull", 0)
     w = d.state.w.clone()
@@ -184,8 +185,16 @@ def test_a_non_finite_gradient_is_refused_whole_and_a_huge_finite_one_is_not():
         d.call("push_pull", 0, g, seq=1)
     assert torch.equal(d.state.w, w) and d.state.version == 0 and d.state.last_seq[0] == 0
     assert d.state.non_finite == 1 and torch.equal(d.state._ms, torch.zeros(N))
-    d.call("push", 0, torch.full((N,), 3e38), seq=1, lr=1e-40)  # its float32 sum overflows: still applied
-    assert d.state.version == 1 and d.state.non_finite == 1
+    # 3e19 is finite, but g*g overflows float32: the mean square and then the weights would be NaN.
+    with pytest.raises(ProtocolError, match="beyond 1e"):
+        d.call("push", 0, torch.full((N,), 3e19), seq=1, lr=1e-40)
+    assert torch.equal(d.state.w, w) and torch.equal(d.state._ms, torch.zeros(N)) and d.state.non_finite == 2
+    d.call("push", 0, torch.full((N,), 1e18), seq=1, lr=1e-40)  # at the limit: applied, and stays finite
+    assert d.state.version == 1 and bool(torch.isfinite(d.state.w).all()) and bool(torch.isfinite(d.state._ms).all())
+    a = shard("async")  # no square in ASGD: a huge finite gradient is applied
+    a.call("pull", 0)
+    a.call("push", 0, torch.full((N,), 3e38), seq=1, lr=1e-40)
+    assert a.state.version == 1 and a.state.non_finite == 0
 
 
 @pytest.mark.parametrize(

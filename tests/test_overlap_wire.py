@@ -231,3 +231,19 @@ def test_a_background_error_surfaces_at_the_next_call_and_pull_waits(cluster_fac
         assert opt.state_dict()["param_groups"][0]["lr"] == 0.05  # waits for the round trip too
         assert opt.client.stats()[0]["version"] == 2
         opt.close()
+
+
+@pytest.mark.timeout(90)
+def test_a_gradient_whose_square_overflows_is_refused_whole_across_shards(cluster_factory):
+    # 3e19 is finite, but DC-ASGD-a squares it: both shards must refuse it together, and the
+    # client does before sending anything (one shard alone would apply its part).
+    with cluster_factory(2, 1, "dcasgd-a") as cl:
+        with Client(cl.endpoints, 0, timeout=10.0) as c:
+            c.init(start_weights())
+            w = c.pull()
+            g = torch.zeros(N)
+            g[N - 1] = 3e19
+            with pytest.raises(NonFiniteGradient, match="squares the gradient"):
+                c.push_pull(g, lr=LR)
+            torch.testing.assert_close(c.pull(), w, rtol=0, atol=0)
+            assert [s["version"] for s in c.stats()] == [0, 0]
