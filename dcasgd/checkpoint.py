@@ -288,7 +288,8 @@ class Writer:
 
     :meth:`start` takes a consistent copy of the state, in the caller's thread and before the
     state changes again: the arrays every update changes in place (w, ms, momentum, w_prev) are
-    copied into buffers kept for the next checkpoint (one memcpy each); the backups are not copied
+    copied into buffers kept for the next checkpoint (one memcpy each; w is not copied when a
+    float32 snapshot of the current version exists, as after a push_pull); the backups are not copied
     but held (:meth:`Snapshot.hold`): the shard does not reuse their buffers until the file is
     written. A thread then checksums and writes the file exactly as :func:`save` does. :meth:`poll`
     says how it ended. The copies cost memory: one more of each in-place array, for as long as the
