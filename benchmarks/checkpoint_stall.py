@@ -7,12 +7,13 @@ gets, w, ms and one snapshot per worker, ``(workers + 2) x`` the slice. Then the
 let go (its period set to a millisecond through a pipe) while a client sends ``stats`` requests one after
 another; the **stall** is the longest gap between two consecutive ``stats`` replies from the last reply
 before the checkpoint was let go until the reply that shows it written. ``stats`` answers in a fraction of
-a millisecond, so the gap is the time the loop could not answer. The shard's own figures come with it:
-``pause`` (the seconds the loop spent on the checkpoint: the whole write in the loop, the copy in the
-background) and the write's duration. With the background writer, one ``push_pull`` is timed while the
-file is being written and compared with one on an idle shard (the writer thread competes for cores and
-memory bandwidth). The first checkpoint of each variant is a warm-up (the background writer makes its
-buffers then) and is not counted.
+a millisecond, so the gap is the time the loop could not answer. **none** is the same longest gap over an
+equal time (at most 5 s) right after, with no checkpoint: what the machine's scheduling adds anyway. The
+shard's own figures come with it: ``pause`` (the seconds the loop spent on the checkpoint: the whole
+write in the loop, the copy in the background) and the write's duration. With the background writer,
+one ``push_pull`` is timed while the file is being written and compared with one on an idle shard (the
+writer thread competes for cores and memory bandwidth). The first checkpoint of each variant is a
+warm-up (the background writer makes its buffers then) and is not counted.
 
     python benchmarks/checkpoint_stall.py                          # 25M floats (100 MB), 8 workers, 5 repeats
     python benchmarks/checkpoint_stall.py --quick                  # 1M floats, 2 workers, 2 repeats
@@ -123,10 +124,12 @@ def _run(control, clients: list[Client], floats: int, repeats: int) -> dict:
         while s["checkpoint"]["writing"] is not None:
             s = c0.stats()[0]
         info = s["checkpoint"]
+        quiet = _longest_gap(c0, min(info["seconds"], 5.0))  # the same, with no checkpoint
         runs.append(
             {
                 "warmup": i == 0,
                 "stall_s": max(gaps),
+                "no_checkpoint_gap_s": quiet,
                 "replies": len(gaps),
                 "pause_s": info["pause_s"],
                 "write_s": info["seconds"],
@@ -136,6 +139,17 @@ def _run(control, clients: list[Client], floats: int, repeats: int) -> dict:
             }
         )
     return {"runs": runs}
+
+
+def _longest_gap(client: Client, seconds: float) -> float:
+    """The longest gap between consecutive ``stats`` replies over ``seconds`` (what the machine adds)."""
+    last = start = time.perf_counter()
+    longest = 0.0
+    while last - start < seconds:
+        client.stats()
+        now = time.perf_counter()
+        longest, last = max(longest, now - last), now
+    return longest
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -177,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             (
                 name,
                 _range([r["stall_s"] for r in runs], 1e3, ".0f"),
+                _range([r["no_checkpoint_gap_s"] for r in runs], 1e3, ".0f"),
                 _range([r["pause_s"] for r in runs], 1e3, ".0f"),
                 _range([r["write_s"] for r in runs], 1, ".2f"),
                 f"{max(r['nbytes'] for r in runs) / 1e6:.0f}",
@@ -184,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
                 _range(during, 1e3, ".0f") if during else "-",
             )
         )
-    head = ("checkpoint", "stall ms", "pause ms", "write s", "file MB", "push_pull ms idle", "during write")
+    head = ("checkpoint", "stall ms", "none ms", "pause ms", "write s", "file MB", "push_pull ms idle", "during write")
     widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
     for r in [head, *rows]:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)))

@@ -155,4 +155,5 @@ def test_checkpoint_stall_quick_prints_both_rows_and_writes_json(tmp_path):
     for name in ("in the loop", "background"):
         runs = report[name]
         assert len(runs) == 2 and all(r["stall_s"] > 0 and r["nbytes"] > 4 * 200_000 * 4 for r in runs)
+        assert all(r["no_checkpoint_gap_s"] > 0 for r in runs)
     assert all(r["push_pull_during_write_s"] is None for r in report["in the loop"])
