@@ -63,7 +63,7 @@ def _serve(conn, floats: int, workers: int, directory: str, background: bool) ->
     server.close()
 
 
-def measure(floats: int, workers: int, repeats: int, background: bool) -> dict:
+def measure(floats: int, workers: int, repeats: int, background: bool, last_op: str = "push_pull") -> dict:
     """One shard, ``repeats + 1`` checkpoints (the first a warm-up); their stalls, pauses, sizes, write times."""
     mpc = mp.get_context("spawn")
     here, there = mpc.Pipe()
@@ -76,7 +76,7 @@ def measure(floats: int, workers: int, repeats: int, background: bool) -> dict:
             endpoint = here.recv()
             clients = [Client([endpoint], worker_id=w, timeout=120.0) for w in range(workers)]
             try:
-                return _run(here, clients, floats, repeats)
+                return _run(here, clients, floats, repeats, last_op)
             finally:
                 for c in clients:
                     c.close()
@@ -87,7 +87,7 @@ def measure(floats: int, workers: int, repeats: int, background: bool) -> dict:
                 proc.kill()
 
 
-def _run(control, clients: list[Client], floats: int, repeats: int) -> dict:
+def _run(control, clients: list[Client], floats: int, repeats: int, last_op: str) -> dict:
     c0 = clients[0]
     c0.init(torch.randn(floats, generator=torch.Generator().manual_seed(0)))
     for c in clients:
@@ -100,6 +100,8 @@ def _run(control, clients: list[Client], floats: int, repeats: int) -> dict:
         t0 = time.perf_counter()
         c0.push_pull(g)
         idle_push = time.perf_counter() - t0
+        if last_op == "push":  # no weights sent at the new version: the copy includes w
+            c0.push(g)
         before = c0.stats()[0]
         written = before["server"].get("checkpoints", 0)
         last = time.perf_counter()
@@ -157,6 +159,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--floats", type=int, default=None, help="parameters of the shard (default 25,000,000: 100 MB)")
     p.add_argument("--workers", type=int, default=None, help="workers, each with a backup of its own (default 8)")
     p.add_argument("--repeats", type=int, default=None, help="checkpoints measured per variant (default 5)")
+    p.add_argument(
+        "--last-op",
+        choices=("push_pull", "push"),
+        default="push_pull",
+        help="the last request before each checkpoint: push_pull (default; its reply is a snapshot of the "
+        "current weights, which the background writer takes instead of copying w) or push (w is copied too)",
+    )
     p.add_argument("--quick", action="store_true", help="1M floats, 2 workers, 2 repeats (a smoke test)")
     p.add_argument("--out", type=Path, default=None, help="also write the figures as JSON here")
     a = p.parse_args(argv)
@@ -177,14 +186,14 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     print(
         f"dcasgd-a shard of {a.floats:,} floats ({a.floats * 4 / 1e6:.0f} MB), {a.workers} workers, "
-        f"{a.repeats} checkpoints each (after one warm-up); {os.cpu_count()} cores, torch threads "
-        f"{torch.get_num_threads()}",
+        f"{a.repeats} checkpoints each (after one warm-up), last request {a.last_op}; {os.cpu_count()} cores, "
+        f"torch threads {torch.get_num_threads()}",
         flush=True,
     )
     report = {"argv": sys.argv, "args": {k: v for k, v in vars(a).items() if k != "out"}, "machine": platform.node()}
     rows = []
     for name, background in (("in the loop", False), ("background", True)):
-        runs = [r for r in measure(a.floats, a.workers, a.repeats, background)["runs"] if not r["warmup"]]
+        runs = [r for r in measure(a.floats, a.workers, a.repeats, background, a.last_op)["runs"] if not r["warmup"]]
         report[name] = runs
         during = [r["push_pull_during_write_s"] for r in runs if r["push_pull_during_write_s"] is not None]
         rows.append(

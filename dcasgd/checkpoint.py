@@ -141,7 +141,7 @@ def describe(jobs: dict[str | None, list[Path]]) -> str:
 
     return "; ".join(
         f"{'files from before job ids' if j is None else 'job ' + j}: {names(ps)}"
-        for j, ps in sorted(jobs.items(), key=lambda kv: kv[1][-1].stat().st_mtime_ns)
+        for j, ps in sorted(jobs.items(), key=lambda kv: int(_NAME.match(kv[1][-1].name).group(2)))
     )
 
 
@@ -309,6 +309,12 @@ class Writer:
     def busy(self) -> bool:
         """A checkpoint is being written, or its outcome was not collected with :meth:`poll` yet."""
         return self._thread is not None
+
+    @property
+    def writing(self) -> int | None:
+        """The version of the checkpoint being written (until :meth:`poll` collects it), or None."""
+        out = self._outcome
+        return None if self._thread is None or out is None or out.error is not None else out.version
 
     @property
     def done(self) -> bool:  # the Completion that holds the snapshots being written

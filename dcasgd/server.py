@@ -281,7 +281,7 @@ class ShardServer:
             return None
         last = self._ckpt_last
         return {
-            "writing": last.version if self._writer.busy and last is not None else None,
+            "writing": self._writer.writing,
             "version": None if last is None else last.version,
             "pause_s": None if last is None else last.pause,
             "seconds": None if last is None else last.seconds,

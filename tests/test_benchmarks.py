@@ -151,7 +151,7 @@ def test_checkpoint_stall_quick_prints_both_rows_and_writes_json(tmp_path):
     assert lines[1].split()[:3] == ["checkpoint", "stall", "ms"], done.stdout
     assert lines[2].startswith("in the loop ") and lines[3].startswith("background "), done.stdout
     report = json.loads(out.read_text())
-    assert report["args"] == {"floats": 200_000, "workers": 2, "repeats": 2, "quick": True}
+    assert report["args"] == {"floats": 200_000, "workers": 2, "repeats": 2, "quick": True, "last_op": "push_pull"}
     for name in ("in the loop", "background"):
         runs = report[name]
         assert len(runs) == 2 and all(r["stall_s"] > 0 and r["nbytes"] > 4 * 200_000 * 4 for r in runs)
