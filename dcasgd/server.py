@@ -291,6 +291,7 @@ class ShardServer:
         s["server"] = dict(self.counters)
         s["max_message_bytes"] = self.max_message_bytes
         s.update(self._restart_info())
+        s["checkpoint"] = self._checkpoint_info()
         return s
 
     def _stop_if_job_done(self) -> None:
@@ -314,14 +315,51 @@ class ShardServer:
         self.checkpoint_every = float(every)
         self.instance = secrets.token_hex(8)  # new at every start: clients can tell that a shard restarted
         self.resumed_from_version: int | None = None
+        # The job: made at a fresh start, taken from the checkpoint on --resume; written into every
+        # checkpoint, and only files of this job are ever read or pruned.
+        self.job = checkpoint.new_job_id()
         if resume:
-            self.shard = checkpoint.load(directory, self.config)
+            self.shard, job = checkpoint.resume(directory, self.config)
+            if job is None:
+                log.warning(
+                    "shard %d: the checkpoint is from before job ids; continuing it as job %s "
+                    "(its files are left alone, never pruned)",
+                    self.config.shard,
+                    self.job,
+                )
+            self.job = job or self.job
             self.resumed_from_version = self.shard.version
             if self.shard.restart_if_finished():
                 log.info("shard %d: every worker of the resumed job had finished: a new run", self.config.shard)
-            log.info("shard %d: resumed at version %d from %s", self.config.shard, self.shard.version, directory)
+            log.info(
+                "shard %d: resumed job %s at version %d from %s",
+                self.config.shard,
+                self.job,
+                self.shard.version,
+                directory,
+            )
+        elif directory is not None:
+            checkpoint.check_fresh_start(directory, self.config.shard)
         self._ckpt_version = self.resumed_from_version
         self._ckpt_time = time.monotonic()
+        # Periodic checkpoints are written by a thread from a copy taken in the loop (the loop goes on
+        # meanwhile); False writes them in the loop, as the last one on stop always is.
+        self.checkpoint_in_background = True
+        self._writer = None if directory is None else checkpoint.Writer(directory, job=self.job)
+        self._ckpt_last: checkpoint.Outcome | None = None
+
+    def _checkpoint_info(self) -> dict[str, Any] | None:
+        """For ``stats``: the checkpoint being written (its version) and the last one started, or None."""
+        if self._writer is None:
+            return None
+        last = self._ckpt_last
+        return {
+            "writing": self._writer.writing,
+            "version": None if last is None else last.version,
+            "pause_s": None if last is None else last.pause,
+            "seconds": None if last is None else last.seconds,
+            "nbytes": None if last is None else last.nbytes,
+        }
 
     def _check_base_instance(self, req: protocol.Request) -> None:
         """Refuse a push computed on weights an earlier instance sent that this one's checkpoint lacks.
@@ -342,35 +380,81 @@ class ShardServer:
             )
 
     def _restart_info(self) -> dict[str, Any]:
-        return {"instance": self.instance, "resumed_from_version": self.resumed_from_version}
+        return {"instance": self.instance, "resumed_from_version": self.resumed_from_version, "job": self.job}
 
     def _maybe_checkpoint(self) -> None:
-        """A checkpoint if ``checkpoint_every`` seconds passed since the last one and the version moved."""
+        """A checkpoint if ``checkpoint_every`` seconds passed since the last one and the version moved.
+
+        One at a time: while one is being written in the background, no other starts.
+        """
+        if self._writer is not None and (outcome := self._writer.poll()) is not None:
+            self._checkpoint_done("periodic", outcome)
         if self.checkpoint_every <= 0 or self.shard.version == self._ckpt_version:
             return
-        if time.monotonic() - self._ckpt_time >= self.checkpoint_every:
+        if time.monotonic() - self._ckpt_time < self.checkpoint_every or self._writer.busy:
+            return
+        if not self.checkpoint_in_background:
             self._ckpt_time = time.monotonic()  # a failed write is retried after another period, not at once
             self._checkpoint("periodic")
+            return
+        with self.lock:  # a metrics scrape reads the same state
+            try:
+                outcome = self._writer.start(self.shard)
+            except checkpoint.CheckpointError as exc:
+                outcome = checkpoint.Outcome(self.shard.version, 0, 0.0, error=exc)
+        if outcome is None:  # the writer makes its buffers first (in the background), then starts
+            return
+        self._ckpt_time = time.monotonic()  # a failed write is retried after another period, not at once
+        self._ckpt_last = outcome
+        if outcome.error is not None:
+            self._checkpoint_done("periodic", outcome)
+        else:
+            self._ckpt_version = outcome.version  # the version moves on while the file is written
 
     def _checkpoint(self, why: str) -> None:
-        """Write the shard's state to ``checkpoint_dir`` now (if it has weights); a failure is logged."""
-        if self.checkpoint_dir is None or not self.shard.initialized:
+        """Write the shard's state to ``checkpoint_dir`` now (if it has weights); a failure is logged.
+
+        Waits first for a checkpoint being written in the background.
+        """
+        if self.checkpoint_dir is None:
             return
-        start = time.monotonic()
+        if (outcome := self._writer.wait()) is not None:
+            self._checkpoint_done("periodic", outcome)
+        if not self.shard.initialized:
+            return
+        start = time.perf_counter()
+        outcome = checkpoint.Outcome(self.shard.version, 0, 0.0)
         try:
-            path = checkpoint.save(self.shard, self.checkpoint_dir)
+            outcome.path = checkpoint.save(self.shard, self.checkpoint_dir, job=self.job)
         except (OSError, checkpoint.CheckpointError) as exc:
-            log.error("shard %d: %s checkpoint at v%d failed: %s", self.config.shard, why, self.shard.version, exc)
+            outcome.error = exc
+        outcome.pause = outcome.seconds = time.perf_counter() - start
+        if outcome.path is not None:
+            outcome.nbytes = outcome.path.stat().st_size
+        self._ckpt_last = outcome
+        self._checkpoint_done(why, outcome)
+
+    def _checkpoint_done(self, why: str, outcome: checkpoint.Outcome) -> None:
+        """Log and count a checkpoint that was written or failed."""
+        if outcome.error is not None:
+            self.counters["checkpoint_failures"] += 1
+            log.error(
+                "shard %d: %s checkpoint at v%d failed: %s", self.config.shard, why, outcome.version, outcome.error
+            )
+            if self._ckpt_version == outcome.version:
+                self._ckpt_version = None  # retried after another period even if the version stays
             return
-        self._ckpt_version = self.shard.version
-        self._ckpt_time = time.monotonic()
+        self.counters["checkpoints"] += 1
+        self._ckpt_version = outcome.version
         log.info(
-            "shard %d: %s checkpoint at version %d in %.3f s: %s",
+            "shard %d: %s checkpoint at version %d, %.1f MB in %.3f s (the loop paused %.3f s): %s",
             self.config.shard,
             why,
-            self.shard.version,
-            self._ckpt_time - start,
-            path,
+            outcome.version,
+            outcome.nbytes / 1e6,
+            outcome.seconds,
+            outcome.pause,
+            outcome.path,
         )
 
     # --- replies -------------------------------------------------------------------

@@ -1,7 +1,9 @@
 #!/bin/sh
 # Entry point of the shard image: runs its arguments (`dcasgd server ...`) with two additions:
 #  - --resume when --checkpoint-dir already holds a checkpoint of this --shard (a restarted container
-#    or pod); the first start has none, and `dcasgd server --resume` with none would exit 2;
+#    or pod); the first start has none, and `dcasgd server --resume` with none would exit 2. The server
+#    then continues the job whose checkpoints are there (the job id in their headers) and refuses, exit
+#    2, a directory holding checkpoints of two jobs: the same rule as `dcasgd server` run by hand;
 #  - --curve-secret-key/--curve-clients from DCASGD_CURVE_SECRET_KEY/DCASGD_CURVE_CLIENTS when set.
 set -eu
 dir="" shard=0 prev=""

@@ -214,3 +214,21 @@ def test_step_overhead_resnet50_shapes_and_quick_options():
     assert (full.model, full.repeats, full.ratio) == ("resnet50", 3, 1.5)
     quick = step_overhead.parse_args(["--quick", "--steps", "5"])
     assert (quick.model, quick.repeats, quick.steps) == ("tiny", 1, 5)
+
+
+@pytest.mark.timeout(120)
+def test_checkpoint_stall_quick_prints_both_rows_and_writes_json(tmp_path):
+    out = tmp_path / "stall.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "checkpoint_stall.py"), "--quick", "--floats", "200000"]
+    done = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, timeout=110, cwd=ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[1].split()[:3] == ["checkpoint", "stall", "ms"], done.stdout
+    assert lines[2].startswith("in the loop ") and lines[3].startswith("background "), done.stdout
+    report = json.loads(out.read_text())
+    assert report["args"] == {"floats": 200_000, "workers": 2, "repeats": 2, "quick": True, "last_op": "push_pull"}
+    for name in ("in the loop", "background"):
+        runs = report[name]
+        assert len(runs) == 2 and all(r["stall_s"] > 0 and r["nbytes"] > 4 * 200_000 * 4 for r in runs)
+        assert all(r["no_checkpoint_gap_s"] > 0 for r in runs)
+    assert all(r["push_pull_during_write_s"] is None for r in report["in the loop"])

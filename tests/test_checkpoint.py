@@ -179,7 +179,7 @@ def test_server_checkpoints_stops_with_a_final_one_and_resumes(cluster_factory, 
     with cluster_factory(1, 2, "dcasgd-a", *opts, "--checkpoint-every", "0.2") as cl:
         c0, c1 = (Client(cl.endpoints, worker_id=i, timeout=20.0) for i in range(2))
         assert c0.shard_info[0]["resumed_from_version"] is None
-        instance = c0.shard_info[0]["instance"]
+        instance, job = c0.shard_info[0]["instance"], c0.shard_info[0]["job"]
         c0.init(torch.randn(N, generator=torch.Generator().manual_seed(3)))
         c0.pull()
         c1.pull()
@@ -196,11 +196,13 @@ def test_server_checkpoints_stops_with_a_final_one_and_resumes(cluster_factory, 
         assert final.name == f"shard0-v{stats['version']}.ckpt"
         assert "on stop checkpoint at version" in cl.log(0)
         assert "periodic checkpoint at version" in cl.log(0)
+        assert {checkpoint.job_of(p) for p in checkpoint.checkpoints(d, 0)} == {job}
 
     with cluster_factory(1, 2, "dcasgd-a", *opts, "--resume") as cl:
         c0 = Client(cl.endpoints, worker_id=0, timeout=20.0)
         info = c0.shard_info[0]
         assert info["resumed_from_version"] == stats["version"] and info["instance"] != instance
+        assert info["job"] == job and c0.stats()[0]["job"] == job, "a resume continues the job"
         assert info["version"] == stats["version"] and info["initialized"]
         assert torch.equal(c0.pull(), weights)
         again = c0.stats()[0]

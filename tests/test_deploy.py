@@ -16,8 +16,14 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
-from conftest import _read_endpoint, stop_process
+from conftest import ShardDriver, _read_endpoint, stop_process
+from test_checkpoint import trained
+
+from dcasgd import checkpoint
+from dcasgd.rules import RuleConfig
+from dcasgd.shard import ShardConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARDS = ["shard0", "shard1"]
@@ -358,6 +364,18 @@ def test_server_entrypoint_adds_resume_only_with_a_checkpoint(tmp_path):
     cmd = [*_entry(service), *(_local(a, {}, tmp_path) for a in service["command"])]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=_env(service, {}, tmp_path), timeout=50)
     assert out.returncode == 2 and "resuming" in out.stderr, out  # --resume was added; the file is refused
+
+    # The server's rule holds through the entry script: it resumes one job, never picks among two.
+    (tmp_path / "checkpoints" / "shard1" / "shard1-v7.ckpt").unlink()
+    state = trained(ShardConfig(num_workers=4, rules=RuleConfig(mode="dcasgd-a")))
+    for job in ("earlier", "later"):  # files of shard 0 by another name: the job is in the header
+        path = checkpoint.save(state, tmp_path / job, job=job)
+        path.rename(tmp_path / "checkpoints" / "shard1" / path.name.replace("shard0", "shard1"))
+        ShardDriver(state).call("push", 0, torch.ones(1_003), seq=state.last_seq[0] + 1)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "checkpoints" / "shard1").iterdir()}
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=_env(service, {}, tmp_path), timeout=50)
+    assert out.returncode == 2 and "resuming" in out.stderr and "of 2 jobs (job earlier: " in out.stderr, out
+    assert {p.name: p.read_bytes() for p in (tmp_path / "checkpoints" / "shard1").iterdir()} == before
 
     env = {**_env(service, {}, tmp_path), "DCASGD_CURVE_SECRET_KEY": "/nowhere.key_secret"}
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=50)
