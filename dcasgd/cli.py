@@ -262,13 +262,23 @@ def _add_keygen(sub: argparse._SubParsersAction) -> None:
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
-        help="train examples/train_digits.py on a local cluster and print time and test accuracy",
+        help="train an MLP on digits (dcasgd.train_digits) on a local cluster and print time and test accuracy",
     )
     p.add_argument("--mode", choices=rules.MODES, default="dcasgd-a", help="update rule (default dcasgd-a)")
-    p.add_argument("--compare", action="store_true", help="run all four modes back to back and print a table")
+    p.add_argument(
+        "--compare",
+        action="store_true",
+        help="run all four modes back to back, print a table and plot test accuracy against wall time",
+    )
     p.add_argument("--workers", type=int, default=4, help="worker processes (default 4)")
     p.add_argument("--shards", type=int, default=2, help="shard processes (default 2)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per worker (default: the example's)")
+    p.add_argument(
+        "--plot",
+        metavar="FILE",
+        default=None,
+        help="--compare's PNG (default ./dcasgd-demo-compare.png); its path is printed; needs matplotlib",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -444,7 +454,7 @@ def cmd_keygen(a: argparse.Namespace) -> int:
 def cmd_demo(a: argparse.Namespace) -> int:
     from . import demo
 
-    return demo.main(a.mode, a.compare, a.workers, a.shards, a.epochs)
+    return demo.main(a.mode, a.compare, a.workers, a.shards, a.epochs, a.plot or demo.PLOT)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
