@@ -234,6 +234,16 @@ def _add_status(sub: argparse._SubParsersAction) -> None:
     p.add_argument("endpoints", nargs="+", help="shard endpoints, e.g. tcp://127.0.0.1:5555")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each shard (default 5)")
     p.add_argument(
+        "--watch",
+        action="store_true",
+        help="a live view of the job (give all its shards): redrawn every second, per shard and per worker "
+        "rates, staleness, bytes/s, errors; Ctrl-C ends it",
+    )
+    p.add_argument("--count", type=int, default=None, metavar="N", help="--watch: stop after N frames")
+    p.add_argument(
+        "--interval", type=float, default=1.0, metavar="S", help="--watch: seconds between frames (default 1)"
+    )
+    p.add_argument(
         "--curve-key",
         metavar="FILE",
         default=os.environ.get(security.ENV_KEY) or None,
@@ -427,6 +437,14 @@ def format_stats(stats: dict[str, Any]) -> str:
 def cmd_status(a: argparse.Namespace) -> int:
     from .client import DcasgdError, fetch_stats
 
+    if a.watch:
+        from .watch import watch
+
+        if (a.count is not None and a.count < 1) or not a.interval > 0:
+            print("dcasgd status: error: --count must be >= 1 and --interval > 0", file=sys.stderr)
+            return 2
+        keys = {"curve_key": a.curve_key, "server_key": a.curve_server_key}
+        return watch(a.endpoints, interval=a.interval, count=a.count, timeout=a.timeout, **keys)
     code = 0
     for ep in a.endpoints:
         try:
