@@ -235,6 +235,16 @@ def _add_status(sub: argparse._SubParsersAction) -> None:
     p.add_argument("endpoints", nargs="+", help="shard endpoints, e.g. tcp://127.0.0.1:5555")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each shard (default 5)")
     p.add_argument(
+        "--watch",
+        action="store_true",
+        help="a live view of the job (give all its shards): redrawn every second, per shard and per worker "
+        "rates, staleness, bytes/s, errors; Ctrl-C ends it",
+    )
+    p.add_argument("--count", type=int, default=None, metavar="N", help="--watch: stop after N frames")
+    p.add_argument(
+        "--interval", type=float, default=1.0, metavar="S", help="--watch: seconds between frames (default 1)"
+    )
+    p.add_argument(
         "--curve-key",
         metavar="FILE",
         default=os.environ.get(security.ENV_KEY) or None,
@@ -306,13 +316,23 @@ def _add_keygen(sub: argparse._SubParsersAction) -> None:
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
-        help="train examples/train_digits.py on a local cluster and print time and test accuracy",
+        help="train an MLP on digits (dcasgd.train_digits) on a local cluster and print time and test accuracy",
     )
     p.add_argument("--mode", choices=rules.MODES, default="dcasgd-a", help="update rule (default dcasgd-a)")
-    p.add_argument("--compare", action="store_true", help="run all four modes back to back and print a table")
+    p.add_argument(
+        "--compare",
+        action="store_true",
+        help="run all four modes back to back, print a table and plot test accuracy against wall time",
+    )
     p.add_argument("--workers", type=int, default=4, help="worker processes (default 4)")
     p.add_argument("--shards", type=int, default=2, help="shard processes (default 2)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per worker (default: the example's)")
+    p.add_argument(
+        "--plot",
+        metavar="FILE",
+        default=None,
+        help="--compare's PNG (default ./dcasgd-demo-compare.png); its path is printed; needs matplotlib",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -462,6 +482,14 @@ def format_stats(stats: dict[str, Any]) -> str:
 def cmd_status(a: argparse.Namespace) -> int:
     from .client import DcasgdError, fetch_stats
 
+    if a.watch:
+        from .watch import watch
+
+        if (a.count is not None and a.count < 1) or not a.interval > 0:
+            print("dcasgd status: error: --count must be >= 1 and --interval > 0", file=sys.stderr)
+            return 2
+        keys = {"curve_key": a.curve_key, "server_key": a.curve_server_key}
+        return watch(a.endpoints, interval=a.interval, count=a.count, timeout=a.timeout, **keys)
     code = 0
     for ep in a.endpoints:
         try:
@@ -521,7 +549,7 @@ def cmd_keygen(a: argparse.Namespace) -> int:
 def cmd_demo(a: argparse.Namespace) -> int:
     from . import demo
 
-    return demo.main(a.mode, a.compare, a.workers, a.shards, a.epochs)
+    return demo.main(a.mode, a.compare, a.workers, a.shards, a.epochs, a.plot or demo.PLOT)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -174,6 +174,7 @@ class ShardState:
         self._grad32: Tensor | None = None  # a half-size wire's gradient, widened (the torch fallback only)
         self.last_seq = [0] * m
         self.updates = [0] * m
+        self.last_staleness: list[int | None] = [None] * m  # per worker, of its latest applied push (status --watch)
         self.staleness: Counter[int] = Counter()
         self.duplicates = 0
         self.non_finite = 0  # gradients refused for NaN or Inf
@@ -512,11 +513,13 @@ class ShardState:
             "version": self.version,
             "updates": list(self.updates),
             "last_seq": list(self.last_seq),
+            "last_staleness": list(self.last_staleness),
             "staleness": sorted(self.staleness.items()),
             "duplicates": self.duplicates,
             "non_finite": self.non_finite,
             "rounds": self.rounds,
             "left_out": self.left_out,
+            "last_round_seconds": self.round_seconds[-1] if self.round_seconds else None,
             "live": sorted(self.live),
             "finished": sorted(self.members.finished.items()),
             "snapshots": 1 + len(self._retired) + len(self._free) if self._current else 0,
@@ -532,6 +535,7 @@ class ShardState:
         self.updates[worker] += 1
         staleness = self.version - (self.received_version[worker] if base is None else base)
         self.staleness[staleness_bucket(staleness)] += 1
+        self.last_staleness[worker] = staleness
         return staleness
 
     def _update(self, grad: Tensor, lr: float, w_bak: Tensor | None, want_weights: bool, count: int = 1) -> None:

@@ -27,6 +27,8 @@ from dcasgd.shard import ShardConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARDS = ["shard0", "shard1"]
+MONITORING = ["prometheus", "grafana"]  # the `monitoring` profile's services
+METRICS_PORT = "9100"
 HYPER = {  # compose variable -> (server option, default)
     "DCASGD_MODE": ("--mode", "dcasgd-a"),
     "DCASGD_NUM_WORKERS": ("--num-workers", "4"),
@@ -70,7 +72,7 @@ def option(command: list[str], name: str) -> str:
 def test_compose_services_commands_and_environment():
     raw = load("docker-compose.yml")
     c = interpolate(raw, {})
-    assert set(c["services"]) == {*SHARDS, "worker"}
+    assert set(c["services"]) == {*SHARDS, "worker", *MONITORING}
     assert c["networks"]["dcasgd"]["internal"] is True
     assert set(c["volumes"]) == {"checkpoints", "results"}
     for i, name in enumerate(SHARDS):
@@ -81,6 +83,8 @@ def test_compose_services_commands_and_environment():
         assert (option(cmd, "--shard"), option(cmd, "--num-shards")) == (str(i), "2")
         assert option(cmd, "--checkpoint-dir") == f"/checkpoints/shard{i}"
         assert "--exit-when-done" in cmd  # the job, and `docker compose up`, end when the workers have
+        # Prometheus (--profile monitoring) scrapes this port on the job's network; no port is published.
+        assert (option(cmd, "--metrics-port"), option(cmd, "--metrics-host")) == (METRICS_PORT, "0.0.0.0")
         assert "--resume" not in cmd  # the entry script adds it when a checkpoint exists
         for var, (opt, default) in HYPER.items():
             assert option(cmd, opt) == default, opt
@@ -113,6 +117,46 @@ def test_compose_services_commands_and_environment():
     assert option(o["shard1"]["command"], "--num-workers") == "3"
     assert o["worker"]["deploy"]["replicas"] == "3"
     assert o["worker"]["environment"]["DCASGD_NUM_WORKERS"] == "3"
+
+
+def test_compose_monitoring_profile():
+    """`docker compose --profile monitoring up`: Prometheus on the job's network scrapes every shard's
+    metrics port; Grafana, provisioned from monitoring/grafana, reaches Prometheus but not the shards,
+    and is published on this host only. Without the profile, compose starts neither."""
+    c = interpolate(load("docker-compose.yml"), {})
+    services = c["services"]
+    for name, s in services.items():
+        assert s.get("profiles") == (["monitoring"] if name in MONITORING else None), name
+
+    prom = services["prometheus"]
+    assert "./monitoring/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in prom["volumes"]
+    assert "--config.file=/etc/prometheus/prometheus.yml" in prom["command"]
+    assert set(prom["networks"]) == {"dcasgd", "monitoring"} and "ports" not in prom
+    scrape = yaml.safe_load((ROOT / "monitoring" / "prometheus.yml").read_text())["scrape_configs"]
+    (job,) = scrape
+    (static,) = job["static_configs"]
+    assert static["targets"] == [f"{name}:{METRICS_PORT}" for name in SHARDS]  # every shard of the job
+
+    graf = services["grafana"]
+    assert graf["ports"] == ["127.0.0.1:3000:3000"]
+    assert set(graf["networks"]) == {"monitoring", "grafana-ui"}  # not dcasgd: the shards stay out of reach
+    assert c["networks"]["monitoring"]["internal"] is True and not c["networks"]["grafana-ui"]
+    assert graf["depends_on"] == ["prometheus"]
+    mounts = dict(v.removesuffix(":ro").split(":") for v in graf["volumes"])
+    for source in mounts:
+        assert (ROOT / source).is_dir(), source
+    assert mounts["./monitoring/grafana/provisioning"] == "/etc/grafana/provisioning"
+    provisioning = ROOT / "monitoring/grafana/provisioning"
+    (ds,) = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())["datasources"]
+    assert ds["url"] == "http://prometheus:9090" and ds["type"] == "prometheus"
+    (provider,) = yaml.safe_load((provisioning / "dashboards" / "dcasgd.yml").read_text())["providers"]
+    dashboards = provider["options"]["path"]
+    assert mounts["./monitoring/grafana/dashboards"] == dashboards
+    home = graf["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home.startswith(dashboards + "/")
+    dashboard = json.loads((ROOT / "monitoring/grafana/dashboards" / Path(home).name).read_text())
+    uids = {t["datasource"]["uid"] for p in dashboard["panels"] for t in p["targets"]}
+    assert uids == {ds["uid"]}
 
 
 def test_compose_overrides_curve_and_gpu():
@@ -211,6 +255,9 @@ def _entry(service: dict) -> list[str]:
 
 def _start_shard(name, service, endpoints, tmp_path, log: Path):
     cmd = [*_entry(service), *(_local(a, endpoints, tmp_path) for a in service["command"])]
+    if "--metrics-port" in cmd:  # each container has its own; here all share one host: any free port
+        cmd[cmd.index("--metrics-port") + 1] = "0"
+        cmd[cmd.index("--metrics-host") + 1] = "127.0.0.1"
     with open(log, "w") as err:
         proc = subprocess.Popen(
             cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True, env=_env(service, {}, tmp_path)
