@@ -244,6 +244,11 @@ def _add_status(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--interval", type=float, default=1.0, metavar="S", help="--watch: seconds between frames (default 1)"
     )
+    _add_observer_keys(p)
+
+
+def _add_observer_keys(p: argparse.ArgumentParser) -> None:
+    """CURVE keys for a command that asks shards as an observer (status, export)."""
     p.add_argument(
         "--curve-key",
         metavar="FILE",
@@ -287,18 +292,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         f"{DEFAULT_MAX_SKEW:g}; a job stopped together writes them within seconds)",
     )
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for each shard (default 30)")
-    p.add_argument(
-        "--curve-key",
-        metavar="FILE",
-        default=os.environ.get(security.ENV_KEY) or None,
-        help=f"CURVE: your NAME.key_secret, for shards run with CURVE (default ${security.ENV_KEY})",
-    )
-    p.add_argument(
-        "--curve-server-key",
-        metavar="FILE",
-        default=os.environ.get(security.ENV_SERVER_KEY) or None,
-        help=f"CURVE: the shards' public NAME.key (default ${security.ENV_SERVER_KEY})",
-    )
+    _add_observer_keys(p)
 
 
 def _add_keygen(sub: argparse._SubParsersAction) -> None:

@@ -36,8 +36,9 @@ from .shard import ShardConfig
 
 DEFAULT_MAX_SKEW = 30.0  # seconds between the oldest and the newest file of a checkpoint set
 FORMATS = {".safetensors": "safetensors", ".pt": "torch", ".pth": "torch"}
-# What the shards of one job share; "job" only where the shards or files carry a job id.
-_SAME = ("num_shards", "num_workers", "mode", "compensation", "wire_dtype", "fp", "n", "job")
+# What the shards of one job share. Not "job": each shard draws its own job id (it guards that
+# shard's checkpoint directory), so the ids of one job's shards differ.
+_SAME = ("num_shards", "num_workers", "mode", "compensation", "wire_dtype", "fp", "n")
 _FILE = re.compile(r"^shard(\d+)-v\d+\.ckpt$")
 NO_NAMES_HINT = (
     "pass model.named_parameters() to DistributedOptimizer to have them sent (a layout too large for an init "
@@ -217,8 +218,6 @@ def metadata(model: Export) -> dict[str, str]:
         "wire_dtype": ident["wire_dtype"],
         "compensation": ident["compensation"],
     }
-    if ident.get("job") is not None:
-        meta["job"] = str(ident["job"])
     if model.created:
         meta["created"] = json.dumps(model.created)
     return meta

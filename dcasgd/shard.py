@@ -297,19 +297,9 @@ class ShardState:
         """What a worker learns when it (re)connects: job shape, model size, its last seq."""
         self._remember(worker, None)  # a new session: its request ids start afresh
         return {
-            "shard": self.config.shard,
-            "num_shards": self.config.num_shards,
-            "num_workers": self.config.num_workers,
-            "mode": self.mode,
-            "wire_dtype": self.config.wire_dtype,
+            **self._identity(),
             "non_finite": self.config.non_finite,
             "initialized": self.initialized,
-            "fp": self.fp,
-            "layout": self.layout,
-            "n": self.n,
-            "lo": self.lo,
-            "hi": self.hi,
-            "version": self.version,
             "last_seq": self.last_seq[worker],
         }
 
@@ -320,12 +310,16 @@ class ShardState:
         float32 copy of ``w``, not a snapshot: snapshots are in the wire type (rounded, over a
         bfloat16 wire) and may be a worker's backup. An export is rare, so one new buffer each time.
         """
-        fields = {
+        fields = {**self._identity(), "compensation": self.config.compensation, "dtype": "float32"}
+        return Reply(worker, fields, Snapshot(self.w.clone(), self.version))
+
+    def _identity(self) -> dict[str, Any]:
+        """The job and this shard's part of it, as hello and weights report them."""
+        return {
             "shard": self.config.shard,
             "num_shards": self.config.num_shards,
             "num_workers": self.config.num_workers,
             "mode": self.mode,
-            "compensation": self.config.compensation,
             "wire_dtype": self.config.wire_dtype,
             "fp": self.fp,
             "layout": self.layout,
@@ -333,9 +327,7 @@ class ShardState:
             "lo": self.lo,
             "hi": self.hi,
             "version": self.version,
-            "dtype": "float32",
         }
-        return Reply(worker, fields, Snapshot(self.w.clone(), self.version))
 
     def claim(self, name: str, key: str | None = None) -> dict[str, Any]:
         """A worker id for the worker called ``name`` (the same one again for the same name).
