@@ -12,6 +12,16 @@ several seeds, all with the same budget of gradients:
     DC-ASGD-a per-parameter   dcasgd-a with one "previous weight" per parameter refreshed at every
                               update (the ablation public implementations ship) instead of one
                               backup per worker
+    DC-ASGD-a lam0=8          dcasgd-a with a 4x stronger lambda_0 (one value for every M)
+    DC-ASGD-s                 dcasgd-s with its defaults: lam0 = 2 * sqrt(1 + staleness of the push),
+                              compensation term clipped to |g| (clip = 1)
+    DC-ASGD-s no clip         dcasgd-s, clip = 0
+    DC-ASGD-s lam0=8 clip=2   dcasgd-s with staleness_power 0 (lam0 = 8 at every staleness), clip = 2
+
+The candidates for 32 and 64 workers (issue 13) are the last four; ``goal`` in the JSON (and the
+last lines printed) says how far DC-ASGD-s is from sequential SGD at M=32 and 64 against the
+issue's 1 and 3 points. A run whose gradient the shard refuses (non-finite, or too large to square)
+ends there and counts as diverged (its final accuracy is that of its last, finite weights).
 
 It prints a table (method, M, mean and spread of the final test accuracy over seeds), where
 DC-ASGD-a stands at M=16 against ASGD and the ablation, and writes under --out:
@@ -19,8 +29,8 @@ staleness.json (settings, every run's raw result, the table) and staleness.png (
 error bars = standard deviation over seeds, SGD as a horizontal band), plus
 staleness_curves.png (test accuracy vs gradients pushed at M=16).
 
-    python benchmarks/staleness.py            # the full study (about a minute on 2 cores)
-    python benchmarks/staleness.py --quick    # fewer seeds and M: 63 runs instead of 130
+    python benchmarks/staleness.py            # the full study (M up to 64; several minutes on 2 cores)
+    python benchmarks/staleness.py --quick    # fewer seeds and M
 
 What overlap costs: ``--overlap`` runs every chosen asynchronous method a second time with
 overlapped workers (``SimConfig(overlap=True)``, as ``DistributedOptimizer(overlap=True)``: each
@@ -55,7 +65,7 @@ from dcasgd.sim import SimConfig, digits, simulate
 # is at chance. Smaller lr or larger batches move that cliff to larger M, larger lr to smaller M
 # (explored with this simulator: lr 0.05-0.2, batch 8-32, hidden 0 and 32). Softmax regression
 # (--hidden 0) barely suffers from staleness here, so it shows nothing to compensate.
-DEFAULTS = {"workers": [1, 4, 8, 16, 32], "seeds": 5, "lr": 0.1, "batch_size": 8, "hidden": 32, "epochs": 20.0}
+DEFAULTS = {"workers": [1, 4, 8, 16, 32, 64], "seeds": 5, "lr": 0.1, "batch_size": 8, "hidden": 32, "epochs": 20.0}
 QUICK = {"workers": [1, 4, 16, 32], "seeds": 3}
 FOCUS_M = 16  # where the verdict and the curves are taken
 CURVE_POINTS = 20  # test-accuracy records per run
@@ -67,7 +77,13 @@ METHODS = {  # name -> SimConfig fields
     "DC-ASGD-c": {"mode": "dcasgd"},
     "DC-ASGD-a": {"mode": "dcasgd-a"},
     "DC-ASGD-a per-parameter": {"mode": "dcasgd-a", "compensation": "per-parameter"},
+    "DC-ASGD-a lam0=8": {"mode": "dcasgd-a", "lam0": 8.0},
+    "DC-ASGD-s": {"mode": "dcasgd-s"},
+    "DC-ASGD-s no clip": {"mode": "dcasgd-s", "clip": 0.0},
+    "DC-ASGD-s lam0=8 clip=2": {"mode": "dcasgd-s", "lam0": 8.0, "staleness_power": 0.0, "clip": 2.0},
 }
+WINNER = "DC-ASGD-s"  # the rule shipped for 32 and 64 workers (issue 13)
+GOAL = {32: 0.01, 64: 0.03}  # the issue's bound on the gap to sequential SGD, by M
 ABLATION = "DC-ASGD-a per-parameter"
 OVERLAP = " + overlap"  # suffix of a method run with overlapped workers
 
@@ -177,6 +193,7 @@ def summarize(runs: list[dict]) -> list[dict]:
                 "max": max(acc),
                 "mean_staleness": statistics.fmean(r["result"]["mean_staleness"] for r in group),
                 "max_staleness": max(r["result"]["max_staleness"] for r in group),
+                "diverged": sum(bool(r["result"].get("diverged")) for r in group),
             }
         )
     return rows
@@ -184,12 +201,13 @@ def summarize(runs: list[dict]) -> list[dict]:
 
 def format_table(rows: list[dict]) -> str:
     lines = [
-        f"{'method':<34} {'M':>3} {'seeds':>5} {'mean acc':>9} {'std':>7} {'min':>7} {'max':>7} {'staleness':>9}",
+        f"{'method':<34} {'M':>3} {'seeds':>5} {'mean acc':>9} {'std':>7} {'min':>7} {'max':>7} {'staleness':>9}"
+        f" {'diverged':>8}",
     ]
     for r in rows:
         lines.append(
             f"{r['method']:<34} {r['workers']:>3} {r['seeds']:>5} {r['mean']:>9.4f} {r['std']:>7.4f} "
-            f"{r['min']:>7.4f} {r['max']:>7.4f} {r['mean_staleness']:>9.2f}"
+            f"{r['min']:>7.4f} {r['max']:>7.4f} {r['mean_staleness']:>9.2f} {r['diverged']:>8}"
         )
     return "\n".join(lines)
 
@@ -209,6 +227,28 @@ def verdict(rows: list[dict], focus: int = FOCUS_M) -> dict | None:
         "dcasgd_a_closer_than_asgd": dca < abs(gaps["ASGD"]) if "ASGD" in gaps else None,
         "dcasgd_a_closer_than_ablation": dca < abs(gaps[ABLATION]) if ABLATION in gaps else None,
     }
+
+
+def goal(rows: list[dict]) -> dict | None:
+    """Issue 13's test of the winner: its gap to sequential SGD at each M of ``GOAL`` against the bound,
+    and whether it beats ASGD and is no worse than DC-ASGD-a (within one standard deviation) at every M."""
+    by = {(r["method"], r["workers"]): r for r in rows}
+    if (SEQUENTIAL, 1) not in by or not any(name == WINNER for name, _ in by):
+        return None
+    sgd = by[(SEQUENTIAL, 1)]["mean"]
+    out: dict = {"method": WINNER, "sgd_mean": sgd, "gap": {}, "met": {}, "beats_asgd": {}, "vs_dcasgd_a": {}}
+    for (name, m), r in sorted(by.items(), key=lambda kv: kv[0][1]):
+        if name != WINNER:
+            continue
+        out["gap"][m] = sgd - r["mean"]
+        if m in GOAL:
+            out["met"][m] = sgd - r["mean"] <= GOAL[m]
+        if ("ASGD", m) in by:
+            out["beats_asgd"][m] = r["mean"] > by[("ASGD", m)]["mean"]
+        if ("DC-ASGD-a", m) in by:
+            a = by[("DC-ASGD-a", m)]
+            out["vs_dcasgd_a"][m] = r["mean"] - a["mean"]
+    return out
 
 
 def overlap_cost(rows: list[dict]) -> list[dict]:
@@ -253,7 +293,7 @@ def plot(rows: list[dict], runs: list[dict], args: argparse.Namespace, out: Path
     sgd = next(r for r in rows if r["method"] == SEQUENTIAL)
     ax.axhline(sgd["mean"], color="black", lw=1.2, label=f"{SEQUENTIAL} (sequential)")
     ax.axhspan(sgd["mean"] - sgd["std"], sgd["mean"] + sgd["std"], color="black", alpha=0.08)
-    markers = dict(zip(METHODS, "osD^v", strict=True))
+    markers = dict(zip(METHODS, "osD^v*XPh", strict=True))
     colors = {name: f"C{i}" for i, name in enumerate(METHODS)}
     for name in methods_for(args):
         pts = [r for r in rows if r["method"] == name]
@@ -363,6 +403,22 @@ def main(argv: list[str] | None = None) -> int:
             f"({c['cost']:+.4f}), mean staleness {c['staleness_without']:.2f} -> {c['staleness_with']:.2f}"
         )
 
+    g = goal(rows)
+    if g is not None:
+        print(
+            f"{WINNER}'s gap to SGD ({g['sgd_mean']:.4f}) by M: "
+            + ", ".join(f"M={m}: {x:+.4f}" for m, x in g["gap"].items())
+        )
+        for m, met in g["met"].items():
+            print(f"goal at M={m} (gap <= {GOAL[m]:.2f}): {'met' if met else 'NOT met'}")
+        if g["beats_asgd"]:
+            print(
+                f"{WINNER} beats ASGD at "
+                + ", ".join(f"M={m}: {'yes' if b else 'NO'}" for m, b in g["beats_asgd"].items())
+            )
+        if g["vs_dcasgd_a"]:
+            print(f"{WINNER} minus DC-ASGD-a: " + ", ".join(f"M={m}: {d:+.4f}" for m, d in g["vs_dcasgd_a"].items()))
+
     args.out.mkdir(parents=True, exist_ok=True)
     settings = {k: (str(v_) if isinstance(v_, Path) else v_) for k, v_ in vars(args).items()}
     doc = {
@@ -375,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         "asgd_loss_by_workers": {str(m): g for m, g in loss.items()},
         "verdict": v,
         "overlap_cost": cost,
+        "goal": g,
         "runs": runs,
     }
     json_path = args.out / "staleness.json"

@@ -386,7 +386,9 @@ class Client:
             raise ValueError(f"base needs one version per shard ({self.num_shards}), got {len(base)}")
         if self.shard_info[0].get("non_finite", "refuse") == "refuse":
             # All or nothing: no shard gets a part of it. DC modes also refuse what would overflow squared.
-            _check_finite(g, self.wire_dtype, GRADIENT_LIMIT if self.mode in ("dcasgd", "dcasgd-a") else None)
+            _check_finite(
+                g, self.wire_dtype, GRADIENT_LIMIT if self.mode in ("dcasgd", "dcasgd-a", "dcasgd-s") else None
+            )
         payload = g
         if self._wire != torch.float32:
             if self._send_buf is None:

@@ -30,8 +30,11 @@ from . import rules
 
 log = logging.getLogger("dcasgd.kernels")
 
-MODE_CODES = {"async": 0, "dcasgd": 1, "dcasgd-a": 2, "sync": 3}
-DC_MODES = ("dcasgd", "dcasgd-a")
+# dcasgd-s is dcasgd-a's kernel with lam0 scaled per push (a scalar: lam0 * (1 + staleness)**p);
+# with a clip it takes the fallback (the kernel has no clip).
+MODE_CODES = {"async": 0, "dcasgd": 1, "dcasgd-a": 2, "sync": 3, "dcasgd-s": 2}
+DC_MODES = ("dcasgd", "dcasgd-a", "dcasgd-s")
+MS_MODES = ("dcasgd-a", "dcasgd-s")  # the modes with a mean square
 CHUNK = 1 << 16  # elements per task: 256 KiB of float32, a few arrays fit in L2
 
 _lock = threading.Lock()  # one compile at a time
@@ -72,6 +75,8 @@ def _signature(mode: str, g: torch.dtype, w_bak: torch.dtype | None, momentum: b
     """What one compiled kernel serves: the rule, momentum or not, and the arrays' dtypes."""
     if mode not in DC_MODES:
         w_bak = None
+    if mode == "dcasgd-s":
+        mode = "dcasgd-a"  # the same compiled kernel
     return (mode, momentum, str(g), str(w_bak), str(snapshot))
 
 
@@ -183,6 +188,7 @@ def update(
     scratch: list[Tensor] | None = None,
     g32: Tensor | None = None,
     fused: bool | None = None,
+    staleness: int = 0,
 ) -> bool:
     """Apply ``mode``'s rule to ``w`` in place and, if ``snapshot`` is given, write the new ``w``
     into it (rounded to its dtype). Returns True if the fused kernel ran, False for the fallback.
@@ -194,7 +200,9 @@ def update(
     ``snapshot``: a buffer that nothing reads or sends until this returns. Fallback only:
     ``scratch`` (two float32 tensors like ``w``) and ``g32`` (one, to widen a half-size ``g``
     into). ``fused``: None takes the kernel when it is compiled, False the fallback, True the
-    kernel (compiling it now if need be; RuntimeError if numba is missing).
+    kernel (compiling it now if need be; RuntimeError if numba is missing). ``staleness``
+    (dcasgd-s): the push's staleness, which sets its lambda_0. dcasgd-s with ``config.clip > 0``
+    always takes the fallback (the kernel has no clip).
     """
     if mode not in MODE_CODES:
         raise ValueError(f"Invalid mode: {mode!r}")
@@ -205,8 +213,8 @@ def update(
             raise ValueError("w_bak aliases w: the compensation term would always be zero")
     else:
         w_bak = None
-    if mode == "dcasgd-a" and ms is None:
-        raise ValueError("dcasgd-a needs ms")
+    if mode in MS_MODES and ms is None:
+        raise ValueError(f"{mode} needs ms")
     momentum = config.momentum
     if momentum > 0.0 and momentum_buf is None:
         raise ValueError("momentum > 0 needs a momentum buffer")
@@ -224,6 +232,10 @@ def update(
         momentum > 0.0,
         snapshot.dtype if snapshot is not None else None,
     )
+    if mode == "dcasgd-s" and config.clip > 0.0:
+        if fused:
+            raise RuntimeError("the fused kernel has no clip: dcasgd-s with clip > 0 runs the torch fallback")
+        fused = False
     if fused is None:
         fused = ready(*sig[:3], momentum=sig[3], snapshot=sig[4])
     elif fused and not ready(*sig[:3], momentum=sig[3], snapshot=sig[4]):
@@ -237,6 +249,9 @@ def update(
             consts = (config.lam, 0.0, 0.0, 0.0)
         elif mode == "dcasgd-a":
             consts = (config.lam0, config.ms_decay, config.eps, 1.0 - config.ms_decay)  # 1 - m rounded once
+        elif mode == "dcasgd-s":
+            lam_s = rules.staleness_lam0(config.lam0, staleness, config.staleness_power)
+            consts = (lam_s, config.ms_decay, config.eps, 1.0 - config.ms_decay)
         elif mode == "sync":
             consts = (float(count), 0.0, 0.0, 0.0)
         else:
@@ -244,13 +259,13 @@ def update(
         v = momentum_buf if momentum > 0.0 else None
         _run(MODE_CODES[mode], w, g, w_bak, ms, v, snapshot, lr, consts, momentum)
         return True
-    _fallback(mode, w, g, config, lr, w_bak, ms, momentum_buf, count, scratch, g32)
+    _fallback(mode, w, g, config, lr, w_bak, ms, momentum_buf, count, scratch, g32, staleness)
     if snapshot is not None:
         snapshot.copy_(w)
     return False
 
 
-def _fallback(mode, w, g, config, lr, w_bak, ms, momentum_buf, count, scratch, g32) -> None:
+def _fallback(mode, w, g, config, lr, w_bak, ms, momentum_buf, count, scratch, g32, staleness=0) -> None:
     """The rules' multi-pass torch versions (the numbers the kernel must give)."""
     r, momentum = config, config.momentum
     if mode == "sync":
@@ -263,6 +278,23 @@ def _fallback(mode, w, g, config, lr, w_bak, ms, momentum_buf, count, scratch, g
         rules.asgd_step(w, g, lr=lr, momentum=momentum, momentum_buf=momentum_buf)
     elif mode == "dcasgd":
         rules.dcasgd_step(w, g, w_bak, lr=lr, lam=r.lam, momentum=momentum, momentum_buf=momentum_buf, scratch=scratch)
+    elif mode == "dcasgd-s":
+        rules.dcasgd_staleness_step(
+            w,
+            g,
+            w_bak,
+            ms,
+            lr=lr,
+            staleness=staleness,
+            lam0=r.lam0,
+            staleness_power=r.staleness_power,
+            clip=r.clip,
+            ms_decay=r.ms_decay,
+            eps=r.eps,
+            momentum=momentum,
+            momentum_buf=momentum_buf,
+            scratch=scratch,
+        )
     else:
         rules.dcasgd_adaptive_step(
             w,

@@ -14,6 +14,11 @@ running mean square of gradients (DC-ASGD-a only), ``v`` the momentum buffer.
 - dcasgd:   w <- w - lr * (g + lam * g*g*(w - w_bak))
 - dcasgd-a: ms <- m*ms + (1-m)*g*g;  lam_t = lam0 / sqrt(ms + eps)
             w <- w - lr * (g + lam_t * g*g*(w - w_bak))
+- dcasgd-s: DC-ASGD-a whose strength follows the staleness s of the push (versions the
+            weights moved since the gradient's weights were sent):
+            ms <- m*ms + (1-m)*g*g;  lam_t = lam0 * (1 + s)**p / sqrt(ms + eps)
+            c = lam_t * g*g*(w - w_bak), clipped to [-clip*|g|, clip*|g|] when clip > 0
+            w <- w - lr * (g + c)
 - sync:     w <- w - lr * (sum of gradients / count)
 
 With momentum ``mu > 0`` the (compensated) gradient ``d`` goes through
@@ -29,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-MODES = ("sync", "async", "dcasgd", "dcasgd-a")
+MODES = ("sync", "async", "dcasgd", "dcasgd-a", "dcasgd-s")
 
 
 @dataclass(frozen=True)
@@ -38,7 +43,10 @@ class RuleConfig:
 
     ``lr`` is the default learning rate when a push does not carry one;
     ``lam`` is DC-ASGD-c's constant lambda; ``lam0``, ``ms_decay`` and ``eps``
-    are DC-ASGD-a's lambda_0, m and epsilon; ``momentum`` is the server-side mu.
+    are DC-ASGD-a's lambda_0, m and epsilon (dcasgd-s uses them too); ``staleness_power``
+    (p) and ``clip`` are dcasgd-s's: lam_t grows as (1 + staleness)**p, and the compensation
+    term is clipped to ``clip`` times |g| element-wise (0: no clip); ``momentum`` is the
+    server-side mu.
     """
 
     mode: str = "async"
@@ -48,6 +56,8 @@ class RuleConfig:
     ms_decay: float = 0.95
     eps: float = 1e-7
     momentum: float = 0.0
+    staleness_power: float = 0.5
+    clip: float = 1.0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -64,6 +74,10 @@ class RuleConfig:
             raise ValueError(f"Invalid eps: {self.eps}")
         if not 0.0 <= self.momentum < 1.0:
             raise ValueError(f"Invalid momentum: {self.momentum}")
+        if not (self.staleness_power >= 0.0 and math.isfinite(self.staleness_power)):
+            raise ValueError(f"Invalid staleness_power: {self.staleness_power}")
+        if not (self.clip >= 0.0 and math.isfinite(self.clip)):
+            raise ValueError(f"Invalid clip: {self.clip}")
 
 
 def _check_momentum(momentum: float, momentum_buf: Tensor | None) -> None:
@@ -203,6 +217,94 @@ def _reference_dcasgd_adaptive(w, g, w_bak, ms, lr, lam0, ms_decay, eps, momentu
     ms.copy_(ms_decay * ms + (1.0 - ms_decay) * g * g)
     lam_t = lam0 / torch.sqrt(ms + eps)
     d = g + lam_t * g * g * (w - w_bak)
+    if momentum > 0.0:
+        momentum_buf.copy_(momentum * momentum_buf + d)
+        d = momentum_buf
+    w.copy_(w - lr * d)
+
+
+# --- DC-ASGD-s (staleness-scaled DC-ASGD-a) -----------------------------------------
+
+
+def staleness_lam0(lam0: float, staleness: int, power: float) -> float:
+    """dcasgd-s's lambda_0 for one push: ``lam0 * (1 + staleness)**power`` (staleness >= 0)."""
+    if staleness < 0:
+        raise ValueError(f"Invalid staleness: {staleness}")
+    return lam0 * (1.0 + staleness) ** power
+
+
+def dcasgd_staleness_step(
+    w: Tensor,
+    g: Tensor,
+    w_bak: Tensor,
+    ms: Tensor,
+    *,
+    lr: float,
+    staleness: int,
+    lam0: float = 2.0,
+    staleness_power: float = 0.5,
+    clip: float = 1.0,
+    ms_decay: float = 0.95,
+    eps: float = 1e-7,
+    momentum: float = 0.0,
+    momentum_buf: Tensor | None = None,
+    scratch: list[Tensor] | None = None,
+    reference: bool = False,
+) -> None:
+    """DC-ASGD-s in place: DC-ASGD-a with lam0 scaled by ``(1 + staleness)**staleness_power``.
+
+    ``staleness``: versions between the weights the gradient was computed on (``w_bak``) and
+    ``w``, as the shard counts them. ``clip > 0`` bounds the compensation term element-wise
+    to ``clip * |g|`` (so a large gap cannot turn the step around by more than that).
+    ``ms`` as in :func:`dcasgd_adaptive_step`; ``scratch``: two tensors shaped like ``w``.
+    """
+    if w_bak.data_ptr() == w.data_ptr() and w.numel() > 0:
+        raise ValueError("w_bak aliases w: the compensation term would always be zero")
+    _check_momentum(momentum, momentum_buf)
+    lam_s = staleness_lam0(lam0, staleness, staleness_power)
+    if reference:
+        _reference_dcasgd_staleness(w, g, w_bak, ms, lr, lam_s, clip, ms_decay, eps, momentum, momentum_buf)
+        return
+    if clip <= 0.0:  # the same passes as DC-ASGD-a with a stronger lam0
+        dcasgd_adaptive_step(
+            w,
+            g,
+            w_bak,
+            ms,
+            lr=lr,
+            lam0=lam_s,
+            ms_decay=ms_decay,
+            eps=eps,
+            momentum=momentum,
+            momentum_buf=momentum_buf,
+            scratch=scratch,
+        )
+        return
+    s, t = _scratch(w, scratch, 2)[:2]
+    torch.mul(g, g, out=t)
+    ms.lerp_(t, 1.0 - ms_decay)
+    torch.sub(w, w_bak, out=s)
+    s.mul_(t)  # g*g*(w - w_bak)
+    torch.add(ms, eps, out=t)
+    t.rsqrt_()
+    s.mul_(t).mul_(lam_s)  # c = lam_t * g*g*(w - w_bak)
+    torch.abs(g, out=t)
+    t.mul_(clip)
+    torch.minimum(s, t, out=s)
+    t.neg_()
+    torch.maximum(s, t, out=s)  # c clipped to [-clip*|g|, clip*|g|]
+    s.add_(g)
+    _apply_direction(w, s, lr, momentum, momentum_buf)
+
+
+def _reference_dcasgd_staleness(w, g, w_bak, ms, lr, lam_s, clip, ms_decay, eps, momentum, momentum_buf):
+    ms.copy_(ms_decay * ms + (1.0 - ms_decay) * g * g)
+    lam_t = lam_s / torch.sqrt(ms + eps)
+    c = lam_t * g * g * (w - w_bak)
+    if clip > 0.0:
+        bound = clip * torch.abs(g)
+        c = torch.maximum(torch.minimum(c, bound), -bound)
+    d = g + c
     if momentum > 0.0:
         momentum_buf.copy_(momentum * momentum_buf + d)
         d = momentum_buf

@@ -47,7 +47,8 @@ from .protocol import (
 
 log = logging.getLogger("dcasgd.shard")
 
-DC_MODES = frozenset({"dcasgd", "dcasgd-a"})
+DC_MODES = frozenset({"dcasgd", "dcasgd-a", "dcasgd-s"})
+MS_MODES = frozenset({"dcasgd-a", "dcasgd-s"})  # modes with a mean square (ms)
 EXACT_STALENESS = 256  # staleness values below this are counted one by one; above, in power-of-two buckets
 # How far a push's seq may run ahead of the last one this shard applied from that worker. A worker
 # numbers its pushes 1, 2, 3, ... from the largest last_seq its shards report, so here its seq is
@@ -383,7 +384,7 @@ class ShardState:
             self.w = weights.detach().to(torch.float32).clone()
             size = self.size
             self._scratch = [torch.empty(size), torch.empty(size)]
-            if self.mode == "dcasgd-a":
+            if self.mode in MS_MODES:
                 self._ms = torch.zeros(size)
             if self.config.rules.momentum > 0:
                 self._momentum = torch.zeros(size)
@@ -462,7 +463,7 @@ class ShardState:
         if self.config.compensation == "per-parameter" and self.mode in DC_MODES:
             w_bak = self._w_prev  # the weights before the last update, whoever made it
             self._w_pre.copy_(self.w)
-        self._update(grad, lr, w_bak, want)
+        self._update(grad, lr, w_bak, want, staleness=staleness)
         if self.config.compensation == "per-parameter" and self.mode in DC_MODES:
             self._w_prev, self._w_pre = self._w_pre, self._w_prev
         reply = self._push_reply(worker, want, {"staleness": staleness}, req.keep)
@@ -530,9 +531,12 @@ class ShardState:
         self.last_staleness[worker] = staleness
         return staleness
 
-    def _update(self, grad: Tensor, lr: float, w_bak: Tensor | None, want_weights: bool, count: int = 1) -> None:
+    def _update(
+        self, grad: Tensor, lr: float, w_bak: Tensor | None, want_weights: bool, count: int = 1, staleness: int = 0
+    ) -> None:
         """Apply the rule (one pass when fused) and move to the next version; with
-        ``want_weights``, the same pass writes that version's snapshot."""
+        ``want_weights``, the same pass writes that version's snapshot. ``staleness``: the
+        push's (dcasgd-s reads it)."""
         if self._compiling is not None:
             self._compiling.join()  # once: then every update takes the same path (same numbers)
             self._compiling = None
@@ -555,6 +559,7 @@ class ShardState:
                 snapshot=buf,
                 scratch=self._scratch,
                 g32=self._grad32,
+                staleness=staleness,
             )
         except BaseException:
             if buf is not None:
@@ -776,7 +781,7 @@ class ShardState:
         self.w = state["w"]
         size = self.size
         self._scratch = [torch.empty(size), torch.empty(size)]
-        if self.mode == "dcasgd-a":
+        if self.mode in MS_MODES:
             self._ms = state["ms"] if state["ms"] is not None else torch.zeros(size)
         if config.rules.momentum > 0:
             self._momentum = state["momentum"] if state["momentum"] is not None else torch.zeros(size)

@@ -41,6 +41,11 @@ Budget: ``epochs`` counts gradients, not updates: the run ends after
 ``round(epochs * len(train) / batch_size)`` gradients have been pushed (in sync mode, rounded
 down to whole rounds of M), whatever M is. Gradients still being computed then are dropped.
 
+Divergence: a gradient that is not finite (or, in DC modes, beyond
+:data:`dcasgd.kernels.GRADIENT_LIMIT`) is refused by the shard as it would be on a server; the
+simulator then ends the run there (``diverged=True``, the final accuracy measured on the last
+weights) instead of raising.
+
 Determinism: the same config gives bitwise the same weights, history and staleness in the same
 environment (torch build, thread count). The virtual clock breaks ties by worker index; compute
 times, minibatches and initial weights come from generators seeded by ``seed`` and the worker.
@@ -60,7 +65,7 @@ import torch
 from torch import Tensor
 
 from .layout import FlatLayout, shard_ranges
-from .protocol import ITEMSIZE, Request
+from .protocol import ITEMSIZE, NON_FINITE, ProtocolError, Request
 from .rules import MODES, RuleConfig
 from .shard import ShardConfig, ShardState
 
@@ -80,7 +85,7 @@ class SimConfig:
     ``workers``: 1 to 64. ``mode``: a server mode (``sync``, ``async``, ``dcasgd``,
     ``dcasgd-a``). ``epochs``: passes over the training set, counted in gradients (see the
     module doc). ``hidden``: MLP hidden units (0: softmax regression). ``lam``, ``lam0``,
-    ``ms_decay``, ``momentum``: as :class:`dcasgd.rules.RuleConfig`. ``compensation``:
+    ``ms_decay``, ``momentum``, ``staleness_power``, ``clip``: as :class:`dcasgd.rules.RuleConfig`. ``compensation``:
     ``"per-worker"`` (the paper) or ``"per-parameter"`` (the ablation; DC modes only).
     ``eval_every``: virtual time between test-accuracy records in ``history`` (0: only the
     start and the end). ``weight_decay`` is added to the gradient on the worker, as
@@ -104,6 +109,8 @@ class SimConfig:
     lam0: float = 2.0
     ms_decay: float = 0.95
     momentum: float = 0.0
+    staleness_power: float = 0.5
+    clip: float = 1.0
     shards: int = 1
     eval_every: float = 0.0
     weight_decay: float = 0.0
@@ -153,6 +160,8 @@ class SimConfig:
             lam0=self.lam0,
             ms_decay=self.ms_decay,
             momentum=self.momentum,
+            staleness_power=self.staleness_power,
+            clip=self.clip,
         )
 
     def total_gradients(self, train_size: int) -> int:
@@ -172,7 +181,8 @@ class SimResult:
     ``staleness``: how many pushes were how stale (versions between the weights a gradient was
     computed at and the weights it was applied to; shard 0's count). ``weights``: the final
     flat weight vector (not in :meth:`to_dict`). ``wall_seconds`` is the only field that is not
-    deterministic.
+    deterministic. ``diverged``: the run ended early on a refused (non-finite or too large)
+    gradient; ``gradients`` then counts those pushed before it.
     """
 
     config: SimConfig
@@ -184,6 +194,7 @@ class SimResult:
     virtual_time: float
     wall_seconds: float
     weights: Tensor = field(repr=False)
+    diverged: bool = False
 
     @property
     def max_staleness(self) -> int:
@@ -207,6 +218,7 @@ class SimResult:
             "mean_staleness": self.mean_staleness,
             "history": [list(h) for h in self.history],
             "wall_seconds": self.wall_seconds,
+            "diverged": self.diverged,
         }
 
 
@@ -485,6 +497,7 @@ def simulate(config: SimConfig) -> SimResult:
     history = [(0.0, 0, model.accuracy(shards.weights(), x_test, y_test))]
     next_eval = config.eval_every if config.eval_every > 0 else math.inf
     now = 0.0
+    pushed, diverged = 0, False
     for _ in range(total):
         now, m = heapq.heappop(events)
         while next_eval < now:  # the state at a record time includes every event up to it
@@ -501,7 +514,15 @@ def simulate(config: SimConfig) -> SimResult:
                 weights[m], incoming[m] = incoming[m], weights[m]
                 held[m] = list(shards.versions[m])
             in_flight[m] = True
-        for r in shards.push_pull(m, grad, config.lr, now, incoming, base, keep):
+        try:
+            ready = shards.push_pull(m, grad, config.lr, now, incoming, base, keep)
+        except ProtocolError as exc:
+            if exc.code != NON_FINITE:
+                raise
+            diverged = True
+            break
+        pushed += 1
+        for r in ready:
             heapq.heappush(events, (now + clock.draw(r), r))
 
     final_w = shards.weights().clone()
@@ -513,9 +534,10 @@ def simulate(config: SimConfig) -> SimResult:
         history=history,
         final_accuracy=final,
         staleness=shards.staleness,
-        gradients=total,
+        gradients=pushed,
         updates=shards.version,
         virtual_time=now,
         wall_seconds=time.perf_counter() - started,
         weights=final_w,
+        diverged=diverged,
     )

@@ -404,7 +404,7 @@ def test_shard_compensates_a_stale_gradient(mode):
         ("lr", 0.0, "Invalid learning rate: 0.0"),
         ("lr", -0.1, "Invalid learning rate: -0.1"),
         ("lr", math.nan, "Invalid learning rate: nan"),
-        ("mode", "adam", "Invalid mode: 'adam' \\(choose from sync, async, dcasgd, dcasgd-a\\)"),
+        ("mode", "adam", "Invalid mode: 'adam' \\(choose from sync, async, dcasgd, dcasgd-a, dcasgd-s\\)"),
         ("mode", "DCASGD", "Invalid mode: 'DCASGD'"),
         ("momentum", -0.1, "Invalid momentum: -0.1"),
         ("momentum", 1.0, "Invalid momentum: 1.0"),

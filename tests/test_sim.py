@@ -283,7 +283,23 @@ def test_staleness_study_writes_json_and_png(tmp_path):
     doc = json.loads((out / "staleness.json").read_text())
     methods = {(r["method"], r["workers"]) for r in doc["summary"]}
     assert ("SGD", 1) in methods and ("DC-ASGD-a", 4) in methods and ("SSGD", 4) in methods
-    assert len(doc["runs"]) == 1 + 2 * 5
+    assert len(doc["runs"]) == 1 + 2 * 9  # SGD, then 9 methods at M = 1 and 4
+    assert ("DC-ASGD-s", 4) in methods and doc["goal"]["method"] == "DC-ASGD-s"
     assert all(0.0 <= r["result"]["final_accuracy"] <= 1.0 for r in doc["runs"])
     for name in ("staleness.png", "staleness_curves.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_dcasgd_s_runs_sharded_with_momentum_and_overlap():
+    """The staleness-scaled mode through the simulator: several shards give the same math as one."""
+    base = dict(workers=4, mode="dcasgd-s", epochs=0.5, momentum=0.5, overlap=True)
+    one, three = simulate(SimConfig(**base)), simulate(SimConfig(**base, shards=3))
+    torch.testing.assert_close(one.weights, three.weights, rtol=1e-5, atol=1e-6)
+    assert not one.diverged and one.max_staleness == 7
+
+
+def test_a_refused_gradient_ends_the_run_as_diverged():
+    """A DC run that blows up (a huge lr) ends on the shard's refusal, marked diverged, instead of raising."""
+    res = simulate(SimConfig(workers=4, mode="dcasgd-a", lr=1e6, epochs=2.0))
+    assert res.diverged and res.gradients < SimConfig(epochs=2.0).total_gradients(len(sim.digits()[1]))
+    assert res.to_dict()["diverged"] is True and 0.0 <= res.final_accuracy <= 1.0
