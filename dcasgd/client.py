@@ -29,6 +29,7 @@ from .env import WORKER_ID, JobConfigError, parse_servers, worker_id_from_enviro
 from .kernels import GRADIENT_LIMIT
 from .layout import flat_fingerprint, shard_ranges
 from .memory import keep_freed_memory
+from .rules import DC_MODES
 from .security import ENV_KEY, ENV_SERVER_KEY, client_keys
 
 log = logging.getLogger("dcasgd.client")
@@ -386,9 +387,7 @@ class Client:
             raise ValueError(f"base needs one version per shard ({self.num_shards}), got {len(base)}")
         if self.shard_info[0].get("non_finite", "refuse") == "refuse":
             # All or nothing: no shard gets a part of it. DC modes also refuse what would overflow squared.
-            _check_finite(
-                g, self.wire_dtype, GRADIENT_LIMIT if self.mode in ("dcasgd", "dcasgd-a", "dcasgd-s") else None
-            )
+            _check_finite(g, self.wire_dtype, GRADIENT_LIMIT if self.mode in DC_MODES else None)
         payload = g
         if self._wire != torch.float32:
             if self._send_buf is None:

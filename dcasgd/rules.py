@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 MODES = ("sync", "async", "dcasgd", "dcasgd-a", "dcasgd-s")
+DC_MODES = frozenset({"dcasgd", "dcasgd-a", "dcasgd-s"})  # modes that compensate with a backup
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ from .protocol import (
 
 log = logging.getLogger("dcasgd.shard")
 
-DC_MODES = frozenset({"dcasgd", "dcasgd-a", "dcasgd-s"})
+DC_MODES = rules.DC_MODES
 MS_MODES = frozenset({"dcasgd-a", "dcasgd-s"})  # modes with a mean square (ms)
 EXACT_STALENESS = 256  # staleness values below this are counted one by one; above, in power-of-two buckets
 # How far a push's seq may run ahead of the last one this shard applied from that worker. A worker
