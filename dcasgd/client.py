@@ -154,6 +154,10 @@ class Client:
         self._curve = client_keys(curve_key, server_key)  # None: plain sockets
         self._own_ctx = context is None
         self._ctx = context or zmq.Context(io_threads=io_threads)
+        if self._own_ctx:
+            # Every socket of this context (the monitors' too) drops what is unsent when closed, so
+            # a client that is garbage collected unclosed never blocks in the context's term().
+            self._ctx.setsockopt(zmq.LINGER, 0)
         self._monitors: dict[zmq.Socket, zmq.Socket] = {}
         self._handshakes: dict[zmq.Socket, _Handshakes] = {}
         self._socks = [self._connect(ep) for ep in self.servers]
