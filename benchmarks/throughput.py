@@ -11,9 +11,10 @@ rotating) so that the noise of a shared machine falls on every row alike. Rows:
 - ``torch rpc sgd``: what a PyTorch user would write without dcasgd: a
   ``torch.distributed.rpc`` server (TensorPipe, 127.0.0.1) holding the weights and a
   function ``push_pull(g, lr)`` that does ``w.add_(g, alpha=-lr); return w``;
-- ``push_pull MODE xK``: ``Client.push_pull`` through K ``dcasgd server`` processes (tcp),
-  the client with ``tune_malloc=True``, each server ``--threads 1`` (``--shard-threads``); ``(default client)``: ``dcasgd-a`` on one shard
-  with a client left at glibc's defaults, as a training script gets it.
+- ``push_pull MODE xK``: ``Client.push_pull`` through K ``dcasgd server`` processes (tcp,
+  ``--threads 1`` each: ``--shard-threads``), the client with ``tune_malloc=True``;
+  ``(default client)``: ``dcasgd-a`` on one shard with a client left at glibc's defaults,
+  as a training script gets it.
 
 Beside them, in the same rotation: a memcpy (torch ``copy_``, at the servers' thread
 count) that moves as many bytes as each mode's update must (``benchmarks/kernels.py``
@@ -412,8 +413,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(threads)  # the memcpy bound at the servers' thread count
     results: dict[str, Any] = {
         "argv": sys.argv[1:] if argv is None else argv,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
-                    "pyzmq": zmq.__version__, "libzmq": zmq.zmq_version()},  # fmt: skip
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "pyzmq": zmq.__version__,
+            "libzmq": zmq.zmq_version(),
+        },  # fmt: skip
         "runs": [],
         "bounds": [],
         "targets": [],
