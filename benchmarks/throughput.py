@@ -10,11 +10,14 @@ rotating) so that the noise of a shared machine falls on every row alike. Rows:
   processes (``dcasgd.memory``), so the table shows what that tuning alone buys;
 - ``torch rpc sgd``: what a PyTorch user would write without dcasgd: a
   ``torch.distributed.rpc`` server (TensorPipe, 127.0.0.1) holding the weights and a
-  function ``push_pull(g, lr)`` that does ``w.add_(g, alpha=-lr); return w``;
+  function ``push_pull(g, lr)`` that does ``w.add_(g, alpha=-lr); return w``; TensorPipe picks
+  its fastest transport on one host (shared memory, cross-process copies); ``tcp``: TensorPipe
+  told to use tcp alone (``uv`` transport, ``basic`` channel), as dcasgd's tcp rows do;
 - ``push_pull MODE xK``: ``Client.push_pull`` through K ``dcasgd server`` processes (tcp,
   ``--threads 1`` each: ``--shard-threads``), the client with ``tune_malloc=True``;
   ``(default client)``: ``dcasgd-a`` on one shard with a client left at glibc's defaults,
-  as a training script gets it.
+  as a training script gets it; ``ipc``: the same over ``ipc://``, as ``dcasgd launch`` connects
+  workers to shards on their own host.
 
 Beside them, in the same rotation: a memcpy (torch ``copy_``, at the servers' thread
 count) that moves as many bytes as each mode's update must (``benchmarks/kernels.py``
@@ -41,10 +44,12 @@ import multiprocessing as mp
 import os
 import platform
 import re
+import shutil
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -91,13 +96,22 @@ def rpc_push_pull(g: torch.Tensor, lr: float) -> torch.Tensor:
     return _W
 
 
-def _rpc_server(port: int, numel: int) -> None:
+def _rpc_options(tcp_only: bool) -> Any:
+    """TensorPipe's own choice of transport (shared memory, cross-process copies on one host), or tcp alone."""
+    import torch.distributed.rpc as rpc
+
+    if not tcp_only:
+        return None
+    return rpc.TensorPipeRpcBackendOptions(_transports=["uv"], _channels=["basic"])
+
+
+def _rpc_server(port: int, numel: int, tcp_only: bool) -> None:
     global _W
     import torch.distributed.rpc as rpc
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     _W = torch.randn(numel)
-    rpc.init_rpc("ps", rank=0, world_size=2)
+    rpc.init_rpc("ps", rank=0, world_size=2, rpc_backend_options=_rpc_options(tcp_only))
     rpc.shutdown()  # waits for the client's shutdown
 
 
@@ -107,10 +121,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_shards(num_shards: int, mode: str, threads: int) -> tuple[list[subprocess.Popen], list[str]]:
+def start_shards(
+    num_shards: int, mode: str, threads: int, ipc_dir: str | None = None
+) -> tuple[list[subprocess.Popen], list[str]]:
+    """``num_shards`` ``dcasgd server`` processes on tcp (127.0.0.1), or on ipc sockets in ``ipc_dir``."""
     procs, endpoints = [], []
     for s in range(num_shards):
-        cmd = [sys.executable, "-m", "dcasgd", "server", "--bind", "tcp://127.0.0.1:0", "--shard", str(s),
+        bind = "tcp://127.0.0.1:0" if ipc_dir is None else f"ipc://{ipc_dir}/{mode}-{num_shards}-{s}"
+        cmd = [sys.executable, "-m", "dcasgd", "server", "--bind", bind, "--shard", str(s),
                "--num-shards", str(num_shards), "--num-workers", "1", "--mode", mode, "--log-level", "WARNING",
                "--threads", str(threads)]  # fmt: skip
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
@@ -151,8 +169,9 @@ def _client(conn: Connection, kind: str, numel: int, arg: Any, tuned: bool) -> N
     elif kind == "rpc":
         import torch.distributed.rpc as rpc
 
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(arg))
-        rpc.init_rpc("client", rank=1, world_size=2)
+        port, tcp_only = arg
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        rpc.init_rpc("client", rank=1, world_size=2, rpc_backend_options=_rpc_options(tcp_only))
 
         def round_trip() -> None:
             w = rpc.rpc_sync("ps", rpc_push_pull, args=(g, 0.01))
@@ -226,11 +245,12 @@ class Row:
 def plan(numel: int, a: argparse.Namespace) -> list[Row]:
     rows = [Row("bare zmq echo", "echo"), Row("bare zmq echo (tuned)", "echo")]
     if a.rpc:
-        rows.append(Row("torch rpc sgd", "rpc"))
+        rows += [Row("torch rpc sgd", "rpc"), Row("torch rpc sgd tcp", "rpc")]
     for shards in a.shards:
         rows += [Row(f"push_pull {mode} x{shards}", "push_pull", mode, shards) for mode in a.modes]
     if "dcasgd-a" in a.modes and 1 in a.shards:
         rows.append(Row("push_pull dcasgd-a x1 (default client)", "push_pull", "dcasgd-a", 1))
+        rows.append(Row("push_pull dcasgd-a x1 ipc", "push_pull", "dcasgd-a", 1))
     for mode in a.modes:  # the push_pull update: rule + its reply's snapshot, in one pass
         nbytes = moved_bytes(mode, 0.0, True, 4) * numel
         rows.append(Row(f"memcpy {mode} bytes", "memcpy", mode, nbytes=nbytes))
@@ -239,6 +259,7 @@ def plan(numel: int, a: argparse.Namespace) -> list[Row]:
 
 def measure(numel: int, a: argparse.Namespace) -> list[Row]:
     rows = plan(numel, a)
+    ipc_dir = tempfile.mkdtemp(prefix="dcasgd-throughput-")
     servers: list[Any] = []
     shard_procs: list[subprocess.Popen] = []
     biggest = max((r.nbytes for r in rows), default=0) // 2
@@ -252,12 +273,13 @@ def measure(numel: int, a: argparse.Namespace) -> list[Row]:
                 servers[-1].start()
                 r.start(numel, q.get(timeout=120), tuned)
             elif r.kind == "rpc":
-                port = _free_port()
-                servers.append(_SPAWN.Process(target=_rpc_server, args=(port, numel), daemon=True))
+                port, tcp_only = _free_port(), r.what.endswith(" tcp")
+                servers.append(_SPAWN.Process(target=_rpc_server, args=(port, numel, tcp_only), daemon=True))
                 servers[-1].start()
-                r.start(numel, port, False)
+                r.start(numel, (port, tcp_only), False)
             elif r.kind == "push_pull":
-                procs, endpoints = start_shards(r.shards, r.mode, a.shard_threads)
+                ipc = ipc_dir if r.what.endswith(" ipc") else None
+                procs, endpoints = start_shards(r.shards, r.mode, a.shard_threads, ipc)
                 shard_procs += procs
                 r.start(numel, endpoints, not r.what.endswith("(default client)"))
         for r in rows:
@@ -293,6 +315,7 @@ def measure(numel: int, a: argparse.Namespace) -> list[Row]:
         for p in shard_procs:
             p.terminate()
             p.wait(10)
+        shutil.rmtree(ipc_dir, ignore_errors=True)
     return rows
 
 
@@ -393,11 +416,16 @@ def report(numel: int, rows: list[Row], threads: int, results: dict[str, Any]) -
         line = f"  targets: {target} = {checks['vs_echo']:.2f}x the bare echo ({_verdict(checks['vs_echo'] <= 1.0)})"
         if "torch rpc sgd" in med:
             checks["vs_rpc"] = med[target] / med["torch rpc sgd"]
-            line += f", {checks['vs_rpc']:.2f}x the rpc server ({_verdict(checks['vs_rpc'] <= 1.0)})"
+            line += f", {checks['vs_rpc']:.3f}x the rpc server ({_verdict(checks['vs_rpc'] <= 1.0)})"
         if bounds.get("dcasgd-a", {}).get("rule_over_bound") is not None:
             checks["rule_over_bound"] = bounds["dcasgd-a"]["rule_over_bound"]
             line += f", rule {checks['rule_over_bound']:.2f}x its bound ({_verdict(checks['rule_over_bound'] <= 1.5)})"
         print(line)
+        alike = [("tcp", target, "torch rpc sgd tcp"), ("ipc", target + " ipc", "torch rpc sgd")]
+        for name, ours, theirs in alike:
+            if ours in med and theirs in med:
+                checks[f"{name}_vs_rpc"] = med[ours] / med[theirs]
+                print(f"  {ours} = {checks[f'{name}_vs_rpc']:.3f}x {theirs}")
         results["targets"].append({"numel": numel, **checks})
 
 
