@@ -127,6 +127,11 @@ class ShardServer:
         security.warn_if_exposed(self.endpoint, secured)
         self._stop = threading.Event()
         self.counters: Counter[str] = Counter()
+        # Cumulative seconds of the loop's own share of a message, beside the shard's phase_seconds (stats
+        # merges them): "receive" from a message being available to its request handed to the shard (the
+        # recv, header parsing and validation; ZeroMQ's I/O thread has read the bytes already), "send" in
+        # replies (header packing, handing frames to ZeroMQ).
+        self.phase_seconds = {"receive": 0.0, "send": 0.0}
         # Held by serve() while it changes state; a metrics scrape (dcasgd/metrics.py) reads stats() under it.
         self.lock = threading.Lock()
         # (identity, rid, op) of sync pushes waiting for their round, per worker.
@@ -198,11 +203,12 @@ class ShardServer:
                 # Drain what is queued, but come back to check deadlines now and then.
                 with self.lock:
                     for _ in range(64):
+                        t0 = time.perf_counter()
                         try:
                             frames = self._sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
                         except zmq.Again:
                             break
-                        self.handle(frames)
+                        self.handle(frames, t0)
                         del frames  # the loop would keep the last message (a payload of any size) until the next
             with self.lock:
                 for reply in self.shard.expire(time.monotonic()):
@@ -212,8 +218,13 @@ class ShardServer:
 
     # --- one message ---------------------------------------------------------------
 
-    def handle(self, frames: list[zmq.Frame]) -> None:
-        """Answer one message ``[identity, header, payload...]`` from the ROUTER."""
+    def handle(self, frames: list[zmq.Frame], t0: float | None = None) -> None:
+        """Answer one message ``[identity, header, payload...]`` from the ROUTER.
+
+        ``t0``: the ``perf_counter()`` before it was received (for ``phase_seconds["receive"]``).
+        """
+        if t0 is None:
+            t0 = time.perf_counter()
         self.counters["messages"] += 1
         self.counters["bytes_in"] += sum(len(f) for f in frames)
         if len(frames) < 2:
@@ -247,6 +258,7 @@ class ShardServer:
                 self.shard.members.seen(req.worker, None if req.op == "stats" else key)
             self.counters["op:" + req.op] += 1
             route = (ident, req.rid, req.op)
+            self.phase_seconds["receive"] += time.perf_counter() - t0
             replies = self._dispatch(req, payloads, key)
             answered = False
             for reply in replies:
@@ -264,7 +276,9 @@ class ShardServer:
             self.counters["errors"] += 1
             self.counters["error:" + exc.code] += 1
             log.debug("error reply %s to %r", exc, ident)
+            t1 = time.perf_counter()
             self._send(ident, protocol.error_header(rid, exc.code, exc.message, shard=self.config.shard))
+            self.phase_seconds["send"] += time.perf_counter() - t1
 
     def _dispatch(self, req: protocol.Request, payloads: list[zmq.Frame], key: str | None) -> list[Reply]:
         if req.op == "stats":
@@ -286,8 +300,10 @@ class ShardServer:
         return self.shard.push(req, _as_tensor(payloads[0], req.dtype), time.monotonic())
 
     def stats(self) -> dict[str, Any]:
-        """The shard's counters plus the server's (messages, bytes, drops, errors)."""
+        """The shard's counters plus the server's (messages, bytes, drops, errors, receive and send seconds)."""
         s = self.shard.stats()
+        s["phase_seconds"] = {"receive": self.phase_seconds["receive"], **s["phase_seconds"]}
+        s["phase_seconds"]["send"] = self.phase_seconds["send"]
         s["server"] = dict(self.counters)
         s["max_message_bytes"] = self.max_message_bytes
         s.update(self._restart_info())
@@ -462,6 +478,13 @@ class ShardServer:
     def _send_reply(self, reply: Reply, route: tuple[bytes, int, str] | None) -> None:
         if route is None:
             return
+        t0 = time.perf_counter()
+        try:
+            self._send_reply_now(reply, route)
+        finally:
+            self.phase_seconds["send"] += time.perf_counter() - t0
+
+    def _send_reply_now(self, reply: Reply, route: tuple[bytes, int, str]) -> None:
         ident, rid, op = route
         header = protocol.ok_header(rid, op, reply.fields)
         if reply.snapshot is None:

@@ -1,4 +1,4 @@
-"""benchmarks/speedup.py, throughput.py, step_overhead.py run small: real clusters and shards, the JSON and plots."""
+"""The benchmarks (speedup, throughput, shard_load, step_overhead, ...) run small: real shards, the JSON and plots."""
 
 from __future__ import annotations
 
@@ -59,28 +59,64 @@ def test_speedup_time_to_target_and_sync_lr():
     assert speedup.parse_args(["--quick"]).workers == [1, 2, 4]
 
 
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(150)
 def test_throughput_quick_writes_every_row(tmp_path):
     out = tmp_path / "throughput.json"
     # --quick, with smaller messages than its 1M floats to keep the test short
-    cmd = [
-        sys.executable,
-        str(ROOT / "benchmarks" / "throughput.py"),
-        "--quick",
-        "--sizes",
-        "100000",
-        "--out",
-        str(out),
-    ]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=80, cwd=ROOT)
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--quick", "--sizes", "100000"]
+    cmd += ["--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=140, cwd=ROOT)
     assert done.returncode == 0, done.stdout + done.stderr
-    runs = json.loads(out.read_text())["runs"]
-    whats = ["bare zmq echo", "bare zmq echo (tuned)", "push_pull async x1", "push_pull dcasgd-a x1"]
+    report = json.loads(out.read_text())
+    runs = report["runs"]
+    whats = ["bare zmq echo", "bare zmq echo (tuned)", "torch rpc sgd", "torch rpc sgd tcp", "push_pull async x1",
+             "push_pull dcasgd-a x1", "push_pull dcasgd-a x1 (default client)",
+             "push_pull dcasgd-a x1 ipc"]  # fmt: skip
     assert [r["what"] for r in runs] == whats
     for r in runs:
         assert r["numel"] == 100_000 and len(r["seconds"]) == 10 and all(t > 0 for t in r["seconds"])
+        assert r["what"] in done.stdout
     assert runs[0]["ratio_to_echo"] == pytest.approx(1.0)
-    assert "push_pull dcasgd-a x1" in done.stdout
+    for r in runs[4:]:  # the shard's own counters, per update: every phase, the rule and the loop's included
+        phases = r["phase_seconds_per_update"]
+        assert list(phases) == ["receive", "check", "rule", "snapshot", "send"]
+        assert phases["receive"] > 0 and phases["rule"] > 0 and phases["send"] > 0
+    (bounds,) = report["bounds"]
+    assert set(bounds["modes"]) == {"async", "dcasgd-a"}
+    for mode, b in bounds["modes"].items():
+        assert b["bytes"] == {"async": 16, "dcasgd-a": 28}[mode] * 100_000  # benchmarks/kernels.py's accounting
+        assert b["bound_s"] > 0 and b["rule_over_bound"] > 0
+    (target,) = report["targets"]
+    assert {"vs_echo", "vs_rpc", "rule_over_bound", "tcp_vs_rpc", "ipc_vs_rpc"} <= target.keys()
+    assert "targets: push_pull dcasgd-a x1" in done.stdout and ("PASS" in done.stdout or "MISS" in done.stdout)
+
+
+@pytest.mark.timeout(120)
+def test_shard_load_quick_writes_every_point(tmp_path):
+    out = tmp_path / "shard_load.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "shard_load.py"), "--quick", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=110, cwd=ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(out.read_text())
+    assert [(p["numel"], p["workers"]) for p in report["points"]] == [(100_000, 1), (100_000, 2)]
+    for p in report["points"]:
+        assert p["updates"] > 0 and p["rate"] > 0 and 0 < p["busy"] <= 1.05
+        assert set(p["phase_seconds_per_update"]) == {"receive", "check", "rule", "snapshot", "send"}
+    assert report["skipped"] == [] and "updates/s" in done.stdout
+
+
+def test_shard_load_options_and_memory_cap():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import shard_load
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    full = shard_load.parse_args([])
+    assert full.sizes == [1_000_000, 10_000_000, 25_000_000] and full.workers == [1, 2, 4, 8, 16, 32, 64]
+    assert full.mode == "dcasgd-a" and full.seconds == 3.0
+    quick = shard_load.parse_args(["--quick", "--workers", "4"])
+    assert quick.sizes == [100_000] and quick.workers == [4]
+    assert shard_load.need_bytes(25_000_000, 64) > 8e9 > shard_load.need_bytes(10_000_000, 64)
 
 
 @pytest.mark.timeout(30)
