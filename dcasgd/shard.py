@@ -176,6 +176,8 @@ class ShardState:
         self.last_seq = [0] * m
         self.updates = [0] * m
         self.last_staleness: list[int | None] = [None] * m  # per worker, of its latest applied push (status --watch)
+        # Per worker, a coarse histogram (0, then power-of-two buckets: at most ~40 keys) for its quantiles.
+        self.worker_staleness: list[Counter[int]] = [Counter() for _ in range(m)]
         self.staleness: Counter[int] = Counter()
         self.duplicates = 0
         self.non_finite = 0  # gradients refused for NaN or Inf
@@ -507,6 +509,7 @@ class ShardState:
             "updates": list(self.updates),
             "last_seq": list(self.last_seq),
             "last_staleness": list(self.last_staleness),
+            "worker_staleness": [sorted(h.items()) for h in self.worker_staleness],
             "staleness": sorted(self.staleness.items()),
             "duplicates": self.duplicates,
             "non_finite": self.non_finite,
@@ -529,6 +532,7 @@ class ShardState:
         staleness = self.version - (self.received_version[worker] if base is None else base)
         self.staleness[staleness_bucket(staleness)] += 1
         self.last_staleness[worker] = staleness
+        self.worker_staleness[worker][0 if staleness <= 0 else 1 << (staleness.bit_length() - 1)] += 1
         return staleness
 
     def _update(

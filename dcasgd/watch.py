@@ -6,7 +6,9 @@ changed since the previous frame:
 - per shard: version, updates/s, staleness p50/p99 (over the last interval and over the whole job,
   from the shard's histogram), bytes/s in and out, error replies (per second and in all), and in
   sync mode the last round's time and rounds/s;
-- per worker: updates/s, the staleness of its last push (the largest over the shards), and its state:
+- per worker: updates/s, the staleness of its last push (the largest over the shards), its p50/p99
+  staleness over the whole job (from the shards' per-worker histograms: 0, 1, then power-of-two
+  buckets, shown as ranges), and its state:
   ``live`` (pushed in the last interval), ``idle`` (did not: starting, stuck, or a straggler),
   ``out`` (left out of sync rounds) or ``finished N`` (reported its end with exit status N);
 - the error replies by code, summed over the shards.
@@ -153,10 +155,17 @@ def frame(samples: list[Sample], previous: list[Sample] | None) -> str:
     lines += _table(header, shard_rows)
 
     if answered:
-        lines += ["", *_table(["worker", "updates/s", "last staleness", "state"], _worker_rows(answered))]
+        lines += ["", *_table(["worker", "updates/s", "last staleness", "p50/p99", "state"], _worker_rows(answered))]
     if errors_by_code:
         lines += ["", "error replies by code: " + "  ".join(f"{c}: {n}" for c, n in sorted(errors_by_code.items()))]
     return "\n".join(lines)
+
+
+def _bucket(key: int | None) -> str:
+    """A per-worker staleness bucket (0, 1, then [2**k, 2**(k+1)-1]) as text."""
+    if key is None:
+        return "-"
+    return str(key) if key < 2 else f"{key}-{2 * key - 1}"
 
 
 def _worker_rows(answered: list[tuple[Sample, Sample | None]]) -> list[list[str]]:
@@ -188,7 +197,13 @@ def _worker_rows(answered: list[tuple[Sample, Sample | None]]) -> list[list[str]
         else:
             state = "idle"
         rate = f"{sum(rates) / len(rates):.1f}" if rates else "-"
-        rows.append([str(w), rate, str(max(stale)) if stale else "-", state])
+        hist: dict[int, int] = {}  # the worker's pushes on every shard (each push reaches each)
+        for smp, _ in answered:
+            per_worker = smp.stats.get("worker_staleness") or []
+            for key, n in per_worker[w] if w < len(per_worker) else []:
+                hist[key] = hist.get(key, 0) + n
+        spread = f"{_bucket(quantile(hist, 0.5))}/{_bucket(quantile(hist, 0.99))}" if hist else "-"
+        rows.append([str(w), rate, str(max(stale)) if stale else "-", spread, state])
     return rows
 
 

@@ -99,10 +99,14 @@ def test_watch_shows_shards_workers_and_errors_of_a_running_job(cluster_factory,
 
     workers = rows(second, "worker")
     assert list(workers) == ["0", "1", "2"]
-    (rate0, stale0, state0), (rate1, stale1, state1), (rate2, stale2, state2) = workers.values()
+    (rate0, stale0, spread0, state0), (rate1, stale1, spread1, state1), (rate2, stale2, spread2, state2) = (
+        workers.values()
+    )
     assert float(rate0) > 3 * float(rate1) > 0  # worker 1 is the straggler
     assert state0 == state1 == "live" and int(stale0) >= 0 and int(stale1) >= 0
-    assert (rate2, stale2, state2) == ("0.0", "-", "finished 0")
+    bucket = r"(\d+|\d+-\d+)"
+    assert re.fullmatch(f"{bucket}/{bucket}", spread0) and re.fullmatch(f"{bucket}/{bucket}", spread1)
+    assert (rate2, stale2, spread2, state2) == ("0.0", "-", "-", "finished 0")
     assert "error replies by code: bad_op: 1" in second
 
     # The first frame has no interval behind it: no rates yet, the rest already there.
@@ -123,7 +127,7 @@ def test_watch_sync_round_time_and_a_silent_shard(cluster_factory):
     assert cells[0] == "sync"
     assert re.fullmatch(r"[\d.]+ ms, [\d.]+/s", cells[-1]), cells  # the last round's time, rounds/s
     assert shards["tcp://127.0.0.1:1"] == ["no answer"]
-    assert [w[2] for w in rows(second, "worker").values()] == ["live", "live"]
+    assert [w[3] for w in rows(second, "worker").values()] == ["live", "live"]
 
 
 @pytest.mark.timeout(60)
