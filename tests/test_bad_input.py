@@ -94,6 +94,7 @@ def state_of(client: Client, weights: bool = True) -> State:
     server = st.pop("server")
     for key in ("v", "rid", "ok", "op"):  # the reply envelope, not the shard's state
         del st[key]
+    del st["phase_seconds"]  # time spent, not state: receiving a bad request takes some too
     return State(st, server, client.pull() if weights else None)
 
 
