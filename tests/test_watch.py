@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from dcasgd import Client
+from dcasgd.client import fetch_stats
 from dcasgd.watch import quantile
 
 N = 1000
@@ -50,6 +51,14 @@ class Pushers:
             c.close()
 
 
+def wait_until_pushed(endpoints: list[str], workers: list[int], timeout: float = 30.0) -> None:
+    """Until every shard has applied pushes of each of ``workers``."""
+    deadline = time.monotonic() + timeout
+    while not all(all(fetch_stats(ep)["updates"][w] > 0 for w in workers) for ep in endpoints):
+        assert time.monotonic() < deadline, f"workers {workers} did not push within {timeout} s"
+        time.sleep(0.05)  # polling the shards, with a deadline
+
+
 def watch(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "dcasgd", "status", "--watch", *args], capture_output=True,
                           text=True, timeout=timeout)  # fmt: skip
@@ -79,7 +88,7 @@ def test_watch_shows_shards_workers_and_errors_of_a_running_job(cluster_factory,
         job.clients[2].done(0)  # worker 2 never pushes and reports its end
         bad, _ = raw_peer(cl.endpoints[1]).request({"v": 1, "rid": 1, "op": "no_such_op"})
         assert bad["ok"] is False and bad["code"] == "bad_op"
-        time.sleep(1.0)  # both workers have pushed
+        wait_until_pushed(cl.endpoints, [0, 1])
         out = watch("--count", "2", "--interval", "1", *cl.endpoints)
     assert not job.errors, job.errors
     assert out.returncode == 0, out.stdout + out.stderr
@@ -118,7 +127,7 @@ def test_watch_shows_shards_workers_and_errors_of_a_running_job(cluster_factory,
 @pytest.mark.timeout(90)
 def test_watch_sync_round_time_and_a_silent_shard(cluster_factory):
     with cluster_factory(1, 2, "sync") as cl, Pushers(cl.endpoints, 2, {0: 0.01, 1: 0.05}):
-        time.sleep(1.0)
+        wait_until_pushed(cl.endpoints, [0, 1])
         out = watch("--count", "2", "--interval", "0.5", "--timeout", "1", cl.endpoints[0], "tcp://127.0.0.1:1")
     assert out.returncode == 1, out.stdout + out.stderr  # a shard did not answer the last frame
     second = frames(out.stdout)[1]
