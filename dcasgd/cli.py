@@ -316,7 +316,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--compare",
         action="store_true",
-        help="run all four modes back to back, print a table and plot test accuracy against wall time",
+        help="run every mode back to back, print a table and plot test accuracy against wall time",
     )
     p.add_argument("--workers", type=int, default=4, help="worker processes (default 4)")
     p.add_argument("--shards", type=int, default=2, help="shard processes (default 2)")

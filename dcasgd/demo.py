@@ -3,7 +3,7 @@
 Starts the shards and workers with :class:`dcasgd.launch.LocalCluster`, shows a
 progress bar of the gradients the shards have applied, and ends with one line per
 run: mode, workers, wall time, test accuracy (measured by the worker that finished
-last, on the shards' final weights). ``--compare`` runs the four modes back to back,
+last, on the shards' final weights). ``--compare`` runs every mode back to back,
 prints them as a table and plots test accuracy against wall time (matplotlib).
 
 The workers run ``python -m dcasgd.train_digits``, the installed package's own module,

@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from dcasgd.rules import MODES
+
 LINE = re.compile(r"mode (\S+)\s+workers (\d+)\s+shards (\d+)\s+wall\s+([\d.]+) s\s+test accuracy ([\d.]+)$")
 
 
@@ -47,7 +49,7 @@ def test_compare_runs_every_mode_and_plots_them(tmp_path):
     png = tmp_path / "compare.png"
     runs, stdout = demo("--compare", "--workers", "2", "--shards", "1", "--epochs", "3", "--plot", str(png),
                         timeout=230)  # fmt: skip
-    assert [r.group(1) for r in runs] == ["sync", "async", "dcasgd", "dcasgd-a"]
+    assert [r.group(1) for r in runs] == list(MODES)
     assert all(float(r.group(5)) > 0.5 for r in runs)
     assert f"plot: {png}  (test accuracy against wall time)" in stdout.splitlines()
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
@@ -58,11 +60,11 @@ def test_compare_without_matplotlib_says_how_to_get_it_and_prints_the_table(tmp_
     cmd = [sys.executable, "-c", NO_MATPLOTLIB]
     runs, stdout = demo("--compare", "--workers", "1", "--shards", "1", "--epochs", "1", timeout=170, python=cmd,
                         cwd=tmp_path)  # fmt: skip
-    assert [r.group(1) for r in runs] == ["sync", "async", "dcasgd", "dcasgd-a"]
+    assert [r.group(1) for r in runs] == list(MODES)
     table = stdout.split("\n\n", 1)[1].splitlines()
     assert table[0].split() == ["mode", "workers", "wall", "s", "test", "acc"]
-    assert [row.split()[0] for row in table[1:5]] == ["sync", "async", "dcasgd", "dcasgd-a"]
-    assert "matplotlib is not installed (pip install matplotlib" in table[5]
+    assert [row.split()[0] for row in table[1 : 1 + len(MODES)]] == list(MODES)
+    assert "matplotlib is not installed (pip install matplotlib" in table[1 + len(MODES)]
     assert list(tmp_path.iterdir()) == []  # no plot, no leftovers in the current directory
 
 
