@@ -101,17 +101,7 @@ def job_of(path: str | os.PathLike) -> str | None:
     if the file has no readable header.
     """
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            head = f.read(_HEAD)
-            if len(head) < _HEAD or head[: len(MAGIC)] != MAGIC:
-                raise CheckpointError(f"{path} is not a dcasgd checkpoint (or is truncated)")
-            _, hlen = _PREFIX.unpack_from(head, len(MAGIC))
-            if hlen > _MAX_HEADER:
-                raise CheckpointError(f"{path} is corrupt: a header of {hlen} bytes")
-            raw = f.read(hlen)
-    except OSError as exc:
-        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from None
+    _, raw = _header_bytes(path)
     try:
         job = msgpack.unpackb(raw, raw=False).get("job")
     except (ValueError, AttributeError, msgpack.UnpackException) as exc:
@@ -119,6 +109,21 @@ def job_of(path: str | os.PathLike) -> str | None:
     if job is not None and not isinstance(job, str):
         raise CheckpointError(f"{path} is corrupt: job id {job!r}")
     return job
+
+
+def _header_bytes(path: Path) -> tuple[int, bytes]:
+    """The format number and the raw msgpack header of checkpoint ``path``, without reading the arrays."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_HEAD)
+            if len(head) < _HEAD or head[: len(MAGIC)] != MAGIC:
+                raise CheckpointError(f"{path} is not a dcasgd checkpoint (or is truncated)")
+            fmt, hlen = _PREFIX.unpack_from(head, len(MAGIC))
+            if hlen > _MAX_HEADER:
+                raise CheckpointError(f"{path} is corrupt: a header of {hlen} bytes")
+            return fmt, f.read(hlen)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from None
 
 
 def by_job(directory: str | os.PathLike, shard: int) -> dict[str | None, list[Path]]:
@@ -549,17 +554,9 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
     :class:`CheckpointError` for a file that is not a dcasgd checkpoint or whose header is unreadable.
     """
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            head = f.read(_HEAD)
-            if len(head) < _HEAD or head[: len(MAGIC)] != MAGIC:
-                raise CheckpointError(f"{path} is not a dcasgd checkpoint (or is truncated)")
-            fmt, hlen = _PREFIX.unpack_from(head, len(MAGIC))
-            if fmt != FORMAT:
-                raise CheckpointError(f"{path} has checkpoint format {fmt}; this dcasgd reads format {FORMAT}")
-            raw = f.read(hlen)
-    except OSError as exc:
-        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from None
+    fmt, raw = _header_bytes(path)
+    if fmt != FORMAT:
+        raise CheckpointError(f"{path} has checkpoint format {fmt}; this dcasgd reads format {FORMAT}")
     try:
         h = msgpack.unpackb(raw, raw=False)
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
