@@ -189,6 +189,7 @@ def update(
     g32: Tensor | None = None,
     fused: bool | None = None,
     staleness: int = 0,
+    ring: rules.GradientRing | None = None,
 ) -> bool:
     """Apply ``mode``'s rule to ``w`` in place and, if ``snapshot`` is given, write the new ``w``
     into it (rounded to its dtype). Returns True if the fused kernel ran, False for the fallback.
@@ -202,7 +203,8 @@ def update(
     into). ``fused``: None takes the kernel when it is compiled, False the fallback, True the
     kernel (compiling it now if need be; RuntimeError if numba is missing). ``staleness``
     (dcasgd-s): the push's staleness, which sets its lambda_0. dcasgd-s with ``config.clip > 0``
-    always takes the fallback (the kernel has no clip).
+    always takes the fallback (the kernel has no clip). ``ring``: dcasgd-s with
+    ``config.curvature == "fisher"``, the shard's last gradients (always the fallback).
     """
     if mode not in MODE_CODES:
         raise ValueError(f"Invalid mode: {mode!r}")
@@ -232,9 +234,15 @@ def update(
         momentum > 0.0,
         snapshot.dtype if snapshot is not None else None,
     )
-    if mode == "dcasgd-s" and config.clip > 0.0:
+    fisher = mode == "dcasgd-s" and config.curvature == "fisher"
+    if fisher and ring is None:
+        raise ValueError("dcasgd-s with curvature='fisher' needs a gradient ring")
+    if mode == "dcasgd-s" and (config.clip > 0.0 or fisher):
         if fused:
-            raise RuntimeError("the fused kernel has no clip: dcasgd-s with clip > 0 runs the torch fallback")
+            raise RuntimeError(
+                "the fused kernel has no clip and no Fisher curvature: dcasgd-s with clip > 0 or "
+                "curvature='fisher' runs the torch fallback"
+            )
         fused = False
     if fused is None:
         fused = ready(*sig[:3], momentum=sig[3], snapshot=sig[4])
@@ -259,13 +267,13 @@ def update(
         v = momentum_buf if momentum > 0.0 else None
         _run(MODE_CODES[mode], w, g, w_bak, ms, v, snapshot, lr, consts, momentum)
         return True
-    _fallback(mode, w, g, config, lr, w_bak, ms, momentum_buf, count, scratch, g32, staleness)
+    _fallback(mode, w, g, config, lr, w_bak, ms, momentum_buf, count, scratch, g32, staleness, ring)
     if snapshot is not None:
         snapshot.copy_(w)
     return False
 
 
-def _fallback(mode, w, g, config, lr, w_bak, ms, momentum_buf, count, scratch, g32, staleness=0) -> None:
+def _fallback(mode, w, g, config, lr, w_bak, ms, momentum_buf, count, scratch, g32, staleness=0, ring=None) -> None:
     """The rules' multi-pass torch versions (the numbers the kernel must give)."""
     r, momentum = config, config.momentum
     if mode == "sync":
@@ -278,6 +286,22 @@ def _fallback(mode, w, g, config, lr, w_bak, ms, momentum_buf, count, scratch, g
         rules.asgd_step(w, g, lr=lr, momentum=momentum, momentum_buf=momentum_buf)
     elif mode == "dcasgd":
         rules.dcasgd_step(w, g, w_bak, lr=lr, lam=r.lam, momentum=momentum, momentum_buf=momentum_buf, scratch=scratch)
+    elif mode == "dcasgd-s" and r.curvature == "fisher":
+        rules.dcasgd_fisher_step(
+            w,
+            g,
+            w_bak,
+            ring,
+            lr=lr,
+            staleness=staleness,
+            lam0=r.lam0,
+            staleness_power=r.staleness_power,
+            centered=r.fisher_centered,
+            clip=r.clip,
+            momentum=momentum,
+            momentum_buf=momentum_buf,
+            scratch=scratch,
+        )
     elif mode == "dcasgd-s":
         rules.dcasgd_staleness_step(
             w,

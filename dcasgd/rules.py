@@ -19,6 +19,12 @@ running mean square of gradients (DC-ASGD-a only), ``v`` the momentum buffer.
             ms <- m*ms + (1-m)*g*g;  lam_t = lam0 * (1 + s)**p / sqrt(ms + eps)
             c = lam_t * g*g*(w - w_bak), clipped to [-clip*|g|, clip*|g|] when clip > 0
             w <- w - lr * (g + c)
+- dcasgd-s with ``curvature="fisher"``: the Hessian in the compensation is an empirical Fisher
+            of the shard's last K pushed gradients g_1..g_k (the push's own included), not g*g:
+            F = lam/k * sum_j g_j g_j^T - (lam - 1) * m m^T  (m = mean of the g_j; centered)
+            c = F (w - w_bak), clipped as above when clip > 0;  w <- w - lr * (g + c)
+            (lam = lam0 * (1 + s)**p; uncentered: F = lam/k * sum_j g_j g_j^T). Over a slice
+            of the model (one shard's), so F is block-diagonal by shard.
 - sync:     w <- w - lr * (sum of gradients / count)
 
 With momentum ``mu > 0`` the (compensated) gradient ``d`` goes through
@@ -35,6 +41,7 @@ import torch
 from torch import Tensor
 
 MODES = ("sync", "async", "dcasgd", "dcasgd-a", "dcasgd-s")
+CURVATURES = ("diag", "fisher")  # dcasgd-s's estimate of the Hessian in the compensation term
 DC_MODES = frozenset({"dcasgd", "dcasgd-a", "dcasgd-s"})  # modes that compensate with a backup
 
 
@@ -47,7 +54,12 @@ class RuleConfig:
     are DC-ASGD-a's lambda_0, m and epsilon (dcasgd-s uses them too); ``staleness_power``
     (p) and ``clip`` are dcasgd-s's: lam_t grows as (1 + staleness)**p, and the compensation
     term is clipped to ``clip`` times |g| element-wise (0: no clip); ``momentum`` is the
-    server-side mu.
+    server-side mu. ``curvature`` (dcasgd-s): ``"diag"``, DC-ASGD-a's ``lam_t * g*g``, or
+    ``"fisher"``, the empirical Fisher of the shard's last ``fisher_rank`` gradients scaled by
+    lam = lam0 * (1 + staleness)**p (no mean square), centered (``fisher_centered``: the mean
+    gradient's outer product counted once, not lam times) or not. With a minibatch of B samples,
+    B * E[g g^T] - (B - 1) * E[g] E[g]^T is the per-sample Fisher, so lam0 near the workers' batch
+    size is the principled strength.
     """
 
     mode: str = "async"
@@ -59,6 +71,9 @@ class RuleConfig:
     momentum: float = 0.0
     staleness_power: float = 0.5
     clip: float = 1.0
+    curvature: str = "diag"
+    fisher_rank: int = 128
+    fisher_centered: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -79,6 +94,12 @@ class RuleConfig:
             raise ValueError(f"Invalid staleness_power: {self.staleness_power}")
         if not (self.clip >= 0.0 and math.isfinite(self.clip)):
             raise ValueError(f"Invalid clip: {self.clip}")
+        if self.curvature not in CURVATURES:
+            raise ValueError(f"Invalid curvature: {self.curvature!r} (choose from {', '.join(CURVATURES)})")
+        if self.curvature != "diag" and self.mode != "dcasgd-s":
+            raise ValueError(f"curvature={self.curvature!r} is a dcasgd-s option, not {self.mode}'s")
+        if not (isinstance(self.fisher_rank, int) and self.fisher_rank >= 1):
+            raise ValueError(f"Invalid fisher_rank: {self.fisher_rank}")
 
 
 def _check_momentum(momentum: float, momentum_buf: Tensor | None) -> None:
@@ -302,6 +323,103 @@ def _reference_dcasgd_staleness(w, g, w_bak, ms, lr, lam_s, clip, ms_decay, eps,
     ms.copy_(ms_decay * ms + (1.0 - ms_decay) * g * g)
     lam_t = lam_s / torch.sqrt(ms + eps)
     c = lam_t * g * g * (w - w_bak)
+    if clip > 0.0:
+        bound = clip * torch.abs(g)
+        c = torch.maximum(torch.minimum(c, bound), -bound)
+    d = g + c
+    if momentum > 0.0:
+        momentum_buf.copy_(momentum * momentum_buf + d)
+        d = momentum_buf
+    w.copy_(w - lr * d)
+
+
+# --- DC-ASGD-s with an empirical-Fisher curvature ------------------------------------
+
+
+class GradientRing:
+    """The last ``rank`` gradients a shard applied (its slice), for the Fisher curvature.
+
+    ``rows`` is ``(rank, n)`` float32, filled in turn; ``count`` is how many were ever added, so
+    rows ``[0, min(count, rank))`` hold gradients. Starts empty (zeros, count 0).
+    """
+
+    __slots__ = ("rows", "count")
+
+    def __init__(self, rank: int, n: int, rows: Tensor | None = None, count: int = 0) -> None:
+        if rank < 1:
+            raise ValueError(f"Invalid fisher_rank: {rank}")
+        self.rows = torch.zeros(rank, n) if rows is None else rows
+        if self.rows.shape != (rank, n):
+            raise ValueError(f"ring rows are {tuple(self.rows.shape)}, expected {(rank, n)}")
+        self.count = count
+
+    def add(self, g: Tensor) -> Tensor:
+        """Store ``g`` (over the oldest row once full); returns the filled rows (a view)."""
+        self.rows[self.count % self.rows.shape[0]].copy_(g)
+        self.count += 1
+        return self.rows[: min(self.count, self.rows.shape[0])]
+
+
+def dcasgd_fisher_step(
+    w: Tensor,
+    g: Tensor,
+    w_bak: Tensor,
+    ring: GradientRing,
+    *,
+    lr: float,
+    staleness: int,
+    lam0: float = 12.0,
+    staleness_power: float = 0.0,
+    centered: bool = True,
+    clip: float = 0.0,
+    momentum: float = 0.0,
+    momentum_buf: Tensor | None = None,
+    scratch: list[Tensor] | None = None,
+    reference: bool = False,
+) -> None:
+    """DC-ASGD-s with ``curvature="fisher"`` in place: adds ``g`` to ``ring``, then compensates
+    with the empirical Fisher of the ring's gradients (see the module doc for F).
+
+    ``lam = lam0 * (1 + staleness)**staleness_power``; ``clip > 0`` bounds the compensation term
+    element-wise to ``clip * |g|``. Costs two passes over the ring (k dot products, one
+    combination of k rows): ``c = sum_j a_j g_j`` with ``a_j = (lam * g_j.d - (lam - 1) * mean_i
+    g_i.d) / k`` for ``d = w - w_bak`` (``lam * g_j.d / k`` uncentered). ``scratch``: two tensors
+    shaped like ``w``.
+    """
+    if w_bak.data_ptr() == w.data_ptr() and w.numel() > 0:
+        raise ValueError("w_bak aliases w: the compensation term would always be zero")
+    _check_momentum(momentum, momentum_buf)
+    lam = staleness_lam0(lam0, staleness, staleness_power)
+    rows = ring.add(g)
+    if reference:
+        _reference_dcasgd_fisher(w, g, w_bak, rows, lr, lam, centered, clip, momentum, momentum_buf)
+        return
+    s, t = _scratch(w, scratch, 2)[:2]
+    k = rows.shape[0]
+    torch.sub(w, w_bak, out=s)  # d = w - w_bak
+    a = torch.mv(rows, s)  # g_j . d, k values
+    mean = a.mean() if centered else None
+    a.mul_(lam / k)
+    if centered:
+        a.sub_(mean * ((lam - 1.0) / k))
+    torch.mv(rows.t(), a, out=s)  # c = F d
+    if clip > 0.0:
+        torch.abs(g, out=t)
+        t.mul_(clip)
+        torch.minimum(s, t, out=s)
+        t.neg_()
+        torch.maximum(s, t, out=s)
+    s.add_(g)
+    _apply_direction(w, s, lr, momentum, momentum_buf)
+
+
+def _reference_dcasgd_fisher(w, g, w_bak, rows, lr, lam, centered, clip, momentum, momentum_buf):
+    k = rows.shape[0]
+    fisher = lam / k * sum(torch.outer(gj, gj) for gj in rows)
+    if centered:
+        m = rows.mean(0)
+        fisher = fisher - (lam - 1.0) * torch.outer(m, m)
+    c = fisher @ (w - w_bak)
     if clip > 0.0:
         bound = clip * torch.abs(g)
         c = torch.maximum(torch.minimum(c, bound), -bound)

@@ -187,6 +187,7 @@ class ShardState:
         # snapshot it actually holds.
         self._answered: list[tuple[tuple[int, str], Reply] | None] = [None] * m
         self._ms: Tensor | None = None
+        self._ring: rules.GradientRing | None = None  # dcasgd-s, curvature="fisher": the last gradients
         self._momentum: Tensor | None = None
         self._w_prev: Tensor | None = None  # per-parameter ablation only
         self._w_pre: Tensor | None = None
@@ -215,6 +216,10 @@ class ShardState:
         self.rounds = 0
         self.round_seconds: list[float] = []
         self.left_out = 0
+
+    @property
+    def _fisher(self) -> bool:
+        return self.mode == "dcasgd-s" and self.config.rules.curvature == "fisher"
 
     # --- checks done before any payload is read -----------------------------------
 
@@ -388,6 +393,8 @@ class ShardState:
             self._scratch = [torch.empty(size), torch.empty(size)]
             if self.mode in MS_MODES:
                 self._ms = torch.zeros(size)
+            if self._fisher:
+                self._ring = rules.GradientRing(self.config.rules.fisher_rank, size)
             if self.config.rules.momentum > 0:
                 self._momentum = torch.zeros(size)
             if self.mode == "sync":
@@ -564,6 +571,7 @@ class ShardState:
                 scratch=self._scratch,
                 g32=self._grad32,
                 staleness=staleness,
+                ring=self._ring,
             )
         except BaseException:
             if buf is not None:
@@ -713,7 +721,8 @@ class ShardState:
         Distinct backups appear once in ``snapshots`` (``(version, tensor)``); ``backup_index``
         says which one each worker holds. A sync round in progress is left out: its members'
         ``last_seq``/``updates``/``staleness`` are rolled back, so that their retried pushes
-        are applied after a restart. Remembered answers are not kept either.
+        are applied after a restart. Remembered answers are not kept either, nor dcasgd-s's gradient ring (curvature="fisher": it
+        starts empty again and refills within fisher_rank pushes).
         """
         last_seq, updates, staleness = list(self.last_seq), list(self.updates), Counter(self.staleness)
         for worker, p in self._round.items():
@@ -787,6 +796,8 @@ class ShardState:
         self._scratch = [torch.empty(size), torch.empty(size)]
         if self.mode in MS_MODES:
             self._ms = state["ms"] if state["ms"] is not None else torch.zeros(size)
+        if self._fisher:  # not checkpointed: a short-lived estimate, refilled by the next fisher_rank pushes
+            self._ring = rules.GradientRing(config.rules.fisher_rank, size)
         if config.rules.momentum > 0:
             self._momentum = state["momentum"] if state["momentum"] is not None else torch.zeros(size)
         if self.mode == "sync":

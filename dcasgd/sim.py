@@ -85,7 +85,8 @@ class SimConfig:
     ``workers``: 1 to 64. ``mode``: a server mode (``sync``, ``async``, ``dcasgd``,
     ``dcasgd-a``). ``epochs``: passes over the training set, counted in gradients (see the
     module doc). ``hidden``: MLP hidden units (0: softmax regression). ``lam``, ``lam0``,
-    ``ms_decay``, ``momentum``, ``staleness_power``, ``clip``: as :class:`dcasgd.rules.RuleConfig`. ``compensation``:
+    ``ms_decay``, ``momentum``, ``staleness_power``, ``clip``, ``curvature``, ``fisher_rank``, ``fisher_centered``: as
+    :class:`dcasgd.rules.RuleConfig`. ``compensation``:
     ``"per-worker"`` (the paper) or ``"per-parameter"`` (the ablation; DC modes only).
     ``eval_every``: virtual time between test-accuracy records in ``history`` (0: only the
     start and the end). ``weight_decay`` is added to the gradient on the worker, as
@@ -111,6 +112,9 @@ class SimConfig:
     momentum: float = 0.0
     staleness_power: float = 0.5
     clip: float = 1.0
+    curvature: str = "diag"
+    fisher_rank: int = 128
+    fisher_centered: bool = True
     shards: int = 1
     eval_every: float = 0.0
     weight_decay: float = 0.0
@@ -162,6 +166,9 @@ class SimConfig:
             momentum=self.momentum,
             staleness_power=self.staleness_power,
             clip=self.clip,
+            curvature=self.curvature,
+            fisher_rank=self.fisher_rank,
+            fisher_centered=self.fisher_centered,
         )
 
     def total_gradients(self, train_size: int) -> int:
