@@ -721,8 +721,8 @@ class ShardState:
         Distinct backups appear once in ``snapshots`` (``(version, tensor)``); ``backup_index``
         says which one each worker holds. A sync round in progress is left out: its members'
         ``last_seq``/``updates``/``staleness`` are rolled back, so that their retried pushes
-        are applied after a restart. Remembered answers are not kept either, nor dcasgd-s's gradient ring (curvature="fisher": it
-        starts empty again and refills within fisher_rank pushes).
+        are applied after a restart. Remembered answers are not kept either, nor dcasgd-s's
+        gradient ring (curvature="fisher": it starts empty and refills within fisher_rank pushes).
         """
         last_seq, updates, staleness = list(self.last_seq), list(self.updates), Counter(self.staleness)
         for worker, p in self._round.items():

@@ -169,12 +169,40 @@ def rule(w, g, w_bak, lr, staleness, snapshot):
             snapshot.copy_(w)
 
 
-def _update(mode, w, g, *, config, lr, w_bak=None, ms=None, momentum_buf=None, count=1, snapshot=None,
-            scratch=None, g32=None, fused=None, staleness=0):
+def _update(
+    mode,
+    w,
+    g,
+    *,
+    config,
+    lr,
+    w_bak=None,
+    ms=None,
+    momentum_buf=None,
+    count=1,
+    snapshot=None,
+    scratch=None,
+    g32=None,
+    fused=None,
+    staleness=0,
+):
     if mode != "dcasgd-s":
-        return _orig_update(mode, w, g, config=config, lr=lr, w_bak=w_bak, ms=ms, momentum_buf=momentum_buf,
-                            count=count, snapshot=snapshot, scratch=scratch, g32=g32, fused=fused,
-                            staleness=staleness)
+        return _orig_update(
+            mode,
+            w,
+            g,
+            config=config,
+            lr=lr,
+            w_bak=w_bak,
+            ms=ms,
+            momentum_buf=momentum_buf,
+            count=count,
+            snapshot=snapshot,
+            scratch=scratch,
+            g32=g32,
+            fused=fused,
+            staleness=staleness,
+        )
     rule(w, g, w_bak, lr, staleness, snapshot)
     return False
 
@@ -189,14 +217,18 @@ def run_one(args):
     P.update(params)
     ST.clear()
     mode = params.get("mode", "dcasgd-s")
-    fields = {k: params[k] for k in ("lam0", "clip", "staleness_power", "momentum") if k in params and mode != "dcasgd-s"}
-    cfg = SimConfig(workers=m, mode=mode, lr=params.get("lr", 0.1), batch_size=8, hidden=32, epochs=20.0,
-                    seed=seed, **fields)
+    fields = {
+        k: params[k] for k in ("lam0", "clip", "staleness_power", "momentum") if k in params and mode != "dcasgd-s"
+    }
+    cfg = SimConfig(
+        workers=m, mode=mode, lr=params.get("lr", 0.1), batch_size=8, hidden=32, epochs=20.0, seed=seed, **fields
+    )
     r = simulate(cfg)
     rs = ST.get("rs")
     if rs and params.get("show_r"):
         z = sum(x == 0.0 for x in rs) / len(rs)
-        print(f"M={m} seed={seed}: mean r {sum(rs)/len(rs):.3f}, zero {z:.3f}, at 2 {sum(x==2.0 for x in rs)/len(rs):.3f}", flush=True)
+        two = sum(x == 2.0 for x in rs) / len(rs)
+        print(f"M={m} seed={seed}: mean r {sum(rs) / len(rs):.3f}, zero {z:.3f}, at 2 {two:.3f}", flush=True)
     return r.final_accuracy, r.diverged
 
 
@@ -212,8 +244,13 @@ def main():
         rs = res[i * seeds : (i + 1) * seeds]
         acc = [a for a, _ in rs]
         div = sum(d for _, d in rs)
-        out.append(f"M={m}: {statistics.fmean(acc):.3f}+/-{statistics.pstdev(acc):.3f}" + (f" ({div} div)" if div else "")
-                   + " [" + " ".join(f"{a:.3f}" for a in acc) + "]")
+        out.append(
+            f"M={m}: {statistics.fmean(acc):.3f}+/-{statistics.pstdev(acc):.3f}"
+            + (f" ({div} div)" if div else "")
+            + " ["
+            + " ".join(f"{a:.3f}" for a in acc)
+            + "]"
+        )
     line = f"{name:<40} " + "  ".join(out)
     print(line, flush=True)
     with open("/work/wt-rule13b/scratch/log.txt", "a") as f:

@@ -28,7 +28,8 @@ class F64:
     def __init__(self, w, *, rank, lam0, power=0.0, centered=True, clip=0.0, momentum=0.0):
         self.w, self.v = w.double().clone(), torch.zeros(len(w), dtype=torch.float64)
         self.past: list[torch.Tensor] = []
-        self.rank, self.lam0, self.power, self.centered, self.clip, self.mu = rank, lam0, power, centered, clip, momentum
+        self.rank, self.lam0, self.power = rank, lam0, power
+        self.centered, self.clip, self.mu = centered, clip, momentum
 
     def step(self, g, w_bak, staleness, lr=LR):
         g, w_bak = g.double(), w_bak.double()

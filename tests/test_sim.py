@@ -283,8 +283,8 @@ def test_staleness_study_writes_json_and_png(tmp_path):
     doc = json.loads((out / "staleness.json").read_text())
     methods = {(r["method"], r["workers"]) for r in doc["summary"]}
     assert ("SGD", 1) in methods and ("DC-ASGD-a", 4) in methods and ("SSGD", 4) in methods
-    assert len(doc["runs"]) == 1 + 2 * 9  # SGD, then 9 methods at M = 1 and 4
-    assert ("DC-ASGD-s", 4) in methods and doc["goal"]["method"] == "DC-ASGD-s"
+    assert len(doc["runs"]) == 1 + 2 * 13  # SGD, then 13 methods at M = 1 and 4
+    assert ("DC-ASGD-s fisher", 4) in methods and doc["goal"]["method"] == "DC-ASGD-s fisher"
     assert all(0.0 <= r["result"]["final_accuracy"] <= 1.0 for r in doc["runs"])
     for name in ("staleness.png", "staleness_curves.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
