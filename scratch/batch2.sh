@@ -1,0 +1,10 @@
+run() { /work/main/.venv/bin/python scratch/proto.py "$1" "$2"; }
+run rank1c-4 '{"comp": "rank1c", "lam0": 4.0, "power": 0}'
+run rank1c-16 '{"comp": "rank1c", "lam0": 16.0, "power": 0}'
+run rank1c-8-noclip '{"comp": "rank1c", "lam0": 8.0, "power": 0, "clip": 0}'
+run rank1c-8-clip2 '{"comp": "rank1c", "lam0": 8.0, "power": 0, "clip": 2}'
+run rank1c-8-clip0.5 '{"comp": "rank1c", "lam0": 8.0, "power": 0, "clip": 0.5}'
+run rank1c-8-la0.5 '{"comp": "rank1c", "lam0": 8.0, "power": 0, "lookahead": 0.5}'
+run rank1c-8-la0.25 '{"comp": "rank1c", "lam0": 8.0, "power": 0, "lookahead": 0.25}'
+run rank1c-2-p0.5 '{"comp": "rank1c", "lam0": 2.0, "power": 0.5}'
+run rank1c-8-ga4 '{"comp": "rank1c", "lam0": 8.0, "power": 0, "gap_aware": 4.0}'
