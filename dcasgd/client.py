@@ -644,11 +644,12 @@ class Client:
         elif more:
             lo, hi = ranges[s]
             view = out[lo:hi].view(torch.uint8).numpy()
-            got = sock.recv_into(view) if view.nbytes else sock.recv_into(self._trash)
+            got = 0  # the weights come in frames of at most REPLY_FRAME_BYTES, in order
+            while more:  # recv_into returns a frame's whole size, also when it truncates it
+                got += sock.recv_into(view[got:] if got < view.nbytes else self._trash)
+                more = sock.getsockopt(zmq.RCVMORE)
             if got != view.nbytes:
                 raise DcasgdError(f"shard {s} sent {got} bytes of weights, expected {view.nbytes}")
-            while sock.getsockopt(zmq.RCVMORE):
-                sock.recv_into(self._trash)
         elif h.get("ok") and out is not None:
             raise DcasgdError(f"shard {s} answered {h.get('op')} without weights")
         return h
@@ -686,10 +687,11 @@ def fetch_weights(
     keys = client_keys(curve_key, server_key) if curve_key is not None or server_key is not None else None
     h, frames = _ask_frames(endpoint, {"op": "weights"}, timeout, keys, context)
     want = (h.get("hi", 0) - h.get("lo", 0)) * protocol.ITEMSIZE
-    if h.get("dtype") != "float32" or len(frames) != 1 or len(frames[0]) != want:
+    data = bytearray(b"".join(frames))  # frames of at most REPLY_FRAME_BYTES, in order
+    if h.get("dtype") != "float32" or not frames or len(data) != want:
         got = [len(f) for f in frames]
-        raise DcasgdError(f"{endpoint} answered weights with frames of {got} bytes, expected one of {want} (float32)")
-    return h, torch.frombuffer(bytearray(frames[0]), dtype=torch.float32)
+        raise DcasgdError(f"{endpoint} answered weights with frames of {got} bytes, expected {want} in all (float32)")
+    return h, torch.frombuffer(data, dtype=torch.float32)
 
 
 def claim_worker_id(
