@@ -46,7 +46,7 @@ Other models: ``--model cnn`` (two conv layers and a linear one on the 8x8 digit
 python batches in DIR (``cifar-10-batches-py``; batch 128 and 160 epochs unless given, constant
 lr, no augmentation; BatchNorm's running statistics are one set shared by the virtual workers).
 That is for a user with the data and the time, not for CI: on one core of the machines here one
-gradient of batch 128 took 1.2-3 s, so one run of 160 epochs is about a day of one core (see
+gradient of batch 128 took 2.2-3.2 s, so one run of 160 epochs is about two days of one core (see
 docs/benchmarks.md). ``examples/make_cifar_fixture.py`` writes a tiny set in the same format.
 """
 
