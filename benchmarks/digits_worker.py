@@ -19,7 +19,8 @@ with three changes for measuring speedup:
   steps (inside its padded step time) and records ``(seconds since the start, test
   accuracy, gradients applied)``; the gradients applied are read from shard 0's
   counters. At the end every worker pulls the shards' final weights and writes its
-  ``--result-file`` (JSON; ``{worker}`` is replaced by the worker id).
+  ``--result-file`` (JSON; ``{worker}`` is replaced by the worker id), with shard 0's
+  staleness histogram as it stood then (``shard_staleness``: the last worker's is the job's).
 
 Run it through ``benchmarks/speedup.py``, or by hand::
 
@@ -120,12 +121,14 @@ def main() -> None:
 
     opt.pull()  # the shards' latest weights; in async modes other workers may still be pushing
     final = test_accuracy()
+    staleness = opt.client.stats()[0]["staleness"]  # shard 0's histogram so far: [[staleness, pushes], ...]
     if me == 0:
         curve.append((time.perf_counter() - started, final, gradients_applied()))
     print(f"worker {me}: {steps} steps in {trained:.2f} s, test accuracy {final:.3f}")
     if args.result_file:
         result = {"worker": me, "workers": workers, "steps": steps, "seconds": trained, "test_accuracy": final,
-                  "straggler": slow, "curve": curve, "finished_at": time.time()}  # fmt: skip
+                  "straggler": slow, "curve": curve, "finished_at": time.time(),
+                  "shard_staleness": staleness}  # fmt: skip
         Path(args.result_file.format(worker=me)).write_text(json.dumps(result))
     opt.close()
 

@@ -28,6 +28,8 @@ CASES = [
     ("dcasgd-a", "dcasgd-a", 0.0, False),
     ("dcasgd-a + snapshot", "dcasgd-a", 0.0, True),
     ("dcasgd-a + momentum + snapshot", "dcasgd-a", 0.9, True),
+    ("dcasgd-s (clip 1)", "dcasgd-s", 0.0, False),
+    ("dcasgd-s (clip 1) + snapshot", "dcasgd-s", 0.0, True),
     ("sync + momentum", "sync", 0.9, False),
 ]
 
@@ -37,9 +39,9 @@ def moved_bytes(mode: str, momentum: float, snapshot: bool, itemsize: int) -> in
     n = itemsize + 4 + 4  # read g, read and write w
     if mode == "sync":
         n = 4 + 4 + 4 + 4  # the round's float32 sum is read and zeroed
-    if mode in ("dcasgd", "dcasgd-a"):
+    if mode in ("dcasgd", "dcasgd-a", "dcasgd-s"):
         n += itemsize
-    if mode == "dcasgd-a":
+    if mode in ("dcasgd-a", "dcasgd-s"):
         n += 8
     if momentum > 0:
         n += 8
@@ -68,12 +70,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--wire", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--cases", nargs="+", metavar="MODE", help="only the cases of these modes (default: all)")
     args = ap.parse_args()
+    cases = [c for c in CASES if args.cases is None or c[1] in args.cases]
     wire = getattr(torch, args.wire)
     itemsize = torch.empty(0, dtype=wire).element_size()
     t = time.perf_counter()
-    kernels.prepare("dcasgd-a", wire, wait=True)
-    print(f"dcasgd-a kernels ready in {time.perf_counter() - t:.2f} s (import numba, compile or load from cache)")
+    for mode in dict.fromkeys(c[1] for c in cases):
+        kernels.prepare(mode, wire, wait=True, momentum=any(c[2] > 0 for c in cases if c[1] == mode))
+    print(f"kernels ready in {time.perf_counter() - t:.2f} s (import numba, compile or load from cache)")
     n = args.n
     w, ms, v = torch.randn(n), torch.rand(n), torch.zeros(n)
     g = (torch.randn(n) * 1e-3).to(wire)
@@ -81,7 +86,7 @@ def main() -> None:
     snap = torch.empty(n, dtype=wire)
     g32, scratch = torch.empty(n), [torch.empty(n), torch.empty(n)]
     grad_sum = torch.randn(n) * 1e-3
-    most = max(moved_bytes(mode, mu, snap, itemsize) for _, mode, mu, snap in CASES) * n // 2
+    most = max(moved_bytes(mode, mu, snap, itemsize) for _, mode, mu, snap in cases) * n // 2
     src, dst = torch.ones(most, dtype=torch.uint8), torch.zeros(most, dtype=torch.uint8)
     print(f"n = {n:,} elements, wire {args.wire}; ms per update, min-median-max of {args.repeats}")
     for threads in args.threads:
@@ -93,11 +98,12 @@ def main() -> None:
         print(f"\n{threads} thread(s): memcpy of {2 * most / 1e6:.0f} MB moved at up to {rate:.1f} GB/s")
         print(f"  non-finite check: kernels.finite(g) {fmt(check)}, torch.isfinite(g).all() {fmt(exact)}")
         print(f"  {'case':32s} {'fused':>20s} {'fallback':>20s} {'bound (memcpy)':>20s} {'fused/bound':>11s}")
-        for label, mode, mu, with_snap in CASES:
+        for label, mode, mu, with_snap in cases:
             cfg = rules.RuleConfig(mode=mode, momentum=mu)
             gg = grad_sum if mode == "sync" else g
             kw = dict(config=cfg, lr=1e-6, w_bak=w_bak, ms=ms, momentum_buf=v, count=2, scratch=scratch, g32=g32)
             kw["snapshot"] = snap if with_snap else None
+            kw["staleness"] = 31  # dcasgd-s: lambda_0 * sqrt(32); the others ignore it
             fused = timed(lambda: kernels.update(mode, w, gg, fused=True, **kw), args.repeats)  # noqa: B023
             fallback = timed(lambda: kernels.update(mode, w, gg, fused=False, **kw), args.repeats)  # noqa: B023
             half = moved_bytes(mode, mu, with_snap, itemsize) * n // 2

@@ -47,7 +47,7 @@ from pathlib import Path
 
 import torch
 
-from dcasgd import MODES
+from dcasgd import MODES, RuleConfig
 from dcasgd.launch import LocalCluster
 
 WORKER = Path(__file__).resolve().parent / "digits_worker.py"
@@ -79,6 +79,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--compensation", choices=["per-worker", "per-parameter"], default="per-worker",
                     help="DC modes: the paper's backup per worker, or the per-parameter ablation")  # fmt: skip
+    d = RuleConfig()
+    ap.add_argument("--lam0", type=float, default=d.lam0, help=f"dcasgd-a and dcasgd-s lambda_0 (default {d.lam0})")
+    ap.add_argument("--staleness-power", type=float, default=d.staleness_power, metavar="P",
+                    help=f"dcasgd-s: lambda_0 * (1 + staleness)**P (default {d.staleness_power})")  # fmt: skip
+    ap.add_argument("--clip", type=float, default=d.clip, metavar="C",
+                    help=f"dcasgd-s: compensation clipped to C*|g|, 0: none (default {d.clip})")  # fmt: skip
     ap.add_argument("--quick", action="store_true", help=f"M in {QUICK['workers']}, {QUICK['epochs']:g} epochs, "
                     f"target {QUICK['target']} (unless given)")  # fmt: skip
     ap.add_argument("--simulate", action="store_true", help="also run the grid in dcasgd.sim, for --sim-workers")
@@ -91,7 +97,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(a, key, preset[key])
     if min(a.workers) < 1 or a.shards < 1:
         ap.error("--workers and --shards must be >= 1")
+    try:
+        RuleConfig(lr=a.lr, lam0=a.lam0, staleness_power=a.staleness_power, clip=a.clip)
+    except ValueError as exc:
+        ap.error(str(exc))
     return a
+
+
+def rule_args(a: argparse.Namespace) -> list[str]:
+    """The rule's hyperparameters as ``dcasgd server`` options (the simulator gets the same values)."""
+    return ["--lam0", str(a.lam0), "--staleness-power", str(a.staleness_power), "--clip", str(a.clip)]
 
 
 def lr_for(mode: str, workers: int, a: argparse.Namespace) -> float:
@@ -120,7 +135,7 @@ def run_real(mode: str, workers: int, a: argparse.Namespace, tmp: Path) -> dict:
     load_before = os.getloadavg()[0]
     started = time.perf_counter()
     code, error = 1, None
-    server_args = ["--log-level", "WARNING", "--compensation", a.compensation]
+    server_args = ["--log-level", "WARNING", "--compensation", a.compensation, *rule_args(a)]
     with LocalCluster(command, shards=a.shards, workers=workers, mode=mode, server_args=server_args,
                       output=log) as cluster:  # fmt: skip
         try:
@@ -158,7 +173,8 @@ def run_sim(mode: str, workers: int, a: argparse.Namespace) -> dict:
         workers=workers, mode=mode, lr=lr_for(mode, workers, a), batch_size=a.batch_size, epochs=a.epochs,
         compute="straggler" if straggle else "equal", jitter=0.0, straggler_k=a.straggler if straggle else 1.0,
         stragglers=1 if straggle else 0, seed=a.seed, hidden=a.hidden, shards=a.shards, eval_every=1.0,
-        weight_decay=a.weight_decay, compensation=a.compensation,
+        weight_decay=a.weight_decay, compensation=a.compensation, lam0=a.lam0, staleness_power=a.staleness_power,
+        clip=a.clip,
     )  # fmt: skip
     result = simulate(config)
     unit = a.compute_ms / 1000.0 if a.compute_ms > 0 else 1.0

@@ -47,6 +47,14 @@ overlap" beside it, and prints the cost per method and M. SSGD refuses overlap a
 ``--methods`` picks methods (SGD, the reference, always runs):
 
     python benchmarks/staleness.py --overlap --methods ASGD DC-ASGD-a --workers 4 8 16
+
+Other models: ``--model cnn`` (two conv layers and a linear one on the 8x8 digits, about
+2-2.5x an MLP run's time), and ``--data-dir DIR``: ResNet-20 (examples/resnet.py) on CIFAR-10's
+python batches in DIR (``cifar-10-batches-py``; batch 128 and 160 epochs unless given, constant
+lr, no augmentation; BatchNorm's running statistics are one set shared by the virtual workers).
+That is for a user with the data and the time, not for CI: on one core of the machines here one
+gradient of batch 128 took 2.2-3.2 s, so one run of 160 epochs is about two days of one core (see
+docs/benchmarks.md). ``examples/make_cifar_fixture.py`` writes a tiny set in the same format.
 """
 
 from __future__ import annotations
@@ -59,12 +67,13 @@ import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from functools import lru_cache
 from multiprocessing import get_context
 from pathlib import Path
 
 import torch
 
-from dcasgd.sim import SimConfig, digits, simulate
+from dcasgd.sim import SimConfig, TorchModel, digits, simulate
 
 # Why these defaults: with lr 0.1 and batch 8 (MLP, 32 hidden units, 20 epochs of gradients),
 # sequential SGD reaches about 0.97 test accuracy and ASGD matches it up to M=8, then loses it:
@@ -74,6 +83,8 @@ from dcasgd.sim import SimConfig, digits, simulate
 # (--hidden 0) barely suffers from staleness here, so it shows nothing to compensate.
 DEFAULTS = {"workers": [1, 4, 8, 16, 32, 64], "seeds": 5, "lr": 0.1, "batch_size": 8, "hidden": 32, "epochs": 20.0}
 QUICK = {"workers": [1, 4, 16, 32], "seeds": 3}
+CIFAR = {"batch_size": 128, "epochs": 160.0}  # with --data-dir, unless given (the paper's batch and epochs)
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"  # resnet.py and cifar10_data.py
 FOCUS_M = 16  # where the verdict and the curves are taken
 CURVE_POINTS = 20  # test-accuracy records per run
 
@@ -131,6 +142,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--epochs", type=float, help=f"passes over the training set, in gradients (default {DEFAULTS['epochs']})"
     )
+    ap.add_argument(
+        "--model",
+        default="mlp",
+        choices=["mlp", "cnn"],
+        help="mlp (default; --hidden units) or cnn: two conv layers and a linear one on the 8x8 images "
+        "(dcasgd.sim.CnnModel; about 2-2.5x an MLP run's time)",
+    )
+    ap.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="ResNet-20 on CIFAR-10 (the python batches in DIR) instead of digits; batch "
+        f"{CIFAR['batch_size']} and {CIFAR['epochs']:g} epochs unless given. Hours per run: not for CI",
+    )
     ap.add_argument("--compute", default="equal", choices=["equal", "jitter", "straggler"], help="compute-time model")
     ap.add_argument("--jitter", type=float, default=0.3, help="lognormal spread of compute times")
     ap.add_argument("--straggler-k", type=float, default=4.0, help="how many times slower a straggler is")
@@ -147,6 +171,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)), help="processes (default: cores)")
     ap.add_argument("--out", type=Path, default=Path("results/staleness"), help="results folder")
     args = ap.parse_args(argv)
+    if args.data_dir is not None:
+        if args.model != "mlp" or args.hidden is not None:
+            ap.error("--data-dir trains ResNet-20: --model and --hidden are for the digits")
+        try:
+            cifar10(args.data_dir)
+        except FileNotFoundError as exc:
+            ap.error(str(exc))
+        for key, value in CIFAR.items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
     for key, value in DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, QUICK.get(key, value) if args.quick else value)
@@ -157,17 +191,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _run(config: SimConfig) -> dict:
+@lru_cache(maxsize=1)
+def cifar10(data_dir: str) -> tuple[torch.Tensor, ...]:
+    """CIFAR-10 from ``data_dir`` (examples/cifar10_data.py): uint8 images, int64 labels, train then test."""
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        from cifar10_data import load_cifar10
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    return load_cifar10(data_dir)
+
+
+def resnet20_model() -> TorchModel:
+    """examples/resnet.py's ResNet-20 as a simulator model, on normalized uint8 images."""
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        from cifar10_data import normalize
+        from resnet import resnet20
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    return TorchModel(resnet20, transform=normalize)
+
+
+def _run(job: tuple[SimConfig, str | None]) -> dict:
+    """One simulated run; with a data directory, ResNet-20 on CIFAR-10 from it."""
+    config, data_dir = job
     torch.set_num_threads(1)  # tiny tensors: threads cost more than they give, and the cores run other seeds
-    return simulate(config).to_dict()
+    if data_dir is None:
+        return simulate(config).to_dict()
+    return simulate(config, model=resnet20_model(), data=cifar10(data_dir)).to_dict()
 
 
 def _plan(args: argparse.Namespace) -> list[tuple[str, int, SimConfig]]:
-    train_size = len(digits()[1])
+    train_size = len(digits()[1]) if args.data_dir is None else len(cifar10(args.data_dir)[1])
     common = {
         "lr": args.lr,
         "batch_size": args.batch_size,
         "hidden": args.hidden,
+        "model": args.model,
         "epochs": args.epochs,
         "compute": args.compute,
         "jitter": args.jitter,
@@ -189,6 +250,12 @@ def _plan(args: argparse.Namespace) -> list[tuple[str, int, SimConfig]]:
             for name, fields in methods_for(args).items():
                 plan.append((name, m, config(m, seed, **fields)))
     return plan
+
+
+def _model_name(args: argparse.Namespace) -> str:
+    if args.data_dir is not None:
+        return "resnet20 (CIFAR-10)"
+    return "cnn" if args.model == "cnn" else f"mlp({args.hidden})"
 
 
 def summarize(runs: list[dict]) -> list[dict]:
@@ -306,9 +373,9 @@ def plot(rows: list[dict], runs: list[dict], args: argparse.Namespace, out: Path
     import matplotlib.pyplot as plt
 
     paths = []
-    setting = (
-        f"digits MLP({args.hidden}), lr {args.lr}, batch {args.batch_size}, {args.epochs:g} epochs, {args.compute}"
-    )
+    net = "digits CNN" if args.model == "cnn" else f"digits MLP({args.hidden})"
+    net = "CIFAR-10 ResNet-20" if args.data_dir else net
+    setting = f"{net}, lr {args.lr}, batch {args.batch_size}, {args.epochs:g} epochs, {args.compute}"
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     sgd = next(r for r in rows if r["method"] == SEQUENTIAL)
     ax.axhline(sgd["mean"], color="black", lw=1.2, label=f"{SEQUENTIAL} (sequential)")
@@ -378,17 +445,18 @@ def main(argv: list[str] | None = None) -> int:
     plan = _plan(args)
     print(
         f"staleness study: {len(plan)} runs, M in {args.workers}, {args.seeds} seed(s), lr {args.lr}, "
-        f"batch {args.batch_size}, hidden {args.hidden}, {args.epochs:g} epochs, compute {args.compute}, "
+        f"batch {args.batch_size}, model {_model_name(args)}, "
+        f"{args.epochs:g} epochs, compute {args.compute}, "
         f"{args.jobs} process(es), methods {', '.join(args.methods)}"
         + (" with and without overlap" if args.overlap else ""),
         flush=True,
     )
-    configs = [c for _, _, c in plan]
+    jobs = [(c, args.data_dir) for _, _, c in plan]
     if args.jobs > 1:
         with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
-            results = list(pool.map(_run, configs, chunksize=1))
+            results = list(pool.map(_run, jobs, chunksize=1))
     else:
-        results = [_run(c) for c in configs]
+        results = [_run(j) for j in jobs]
     runs = [
         {"method": name, "workers": m, "seed": c.seed, "result": res}
         for (name, m, c), res in zip(plan, results, strict=True)

@@ -130,10 +130,11 @@ def _ol_store(a, i, x):
 def make(mode: int, has_v: bool, has_snap: bool):
     """The kernel of one rule; ``mode``, ``has_v``, ``has_snap`` are compile-time constants."""
 
-    def kernel(w, g, wb, ms, v, snap, lr, c1, c2, c3, c4, mu, chunk):
+    def kernel(w, g, wb, ms, v, snap, lr, c1, c2, c3, c4, c5, mu, chunk):
         # mode 0 async, 1 dcasgd (c1 = lam), 2 dcasgd-a (c1 = lam0, c2 = m, c3 = eps, c4 = 1 - m),
-        # 3 sync (g is the round's sum, c1 = count; g is zeroed on the way). The last step is
-        # one fused multiply-add, as in the fallback: the same w, bit for bit, where d is.
+        # 3 sync (g is the round's sum, c1 = count; g is zeroed on the way), 4 dcasgd-s (dcasgd-a's
+        # constants, c1 the push's lambda_0; the compensation clipped to c5*|g|, c5 = inf: no clip).
+        # The last step is one fused multiply-add, as in the fallback: the same w, bit for bit, where d is.
         n = w.shape[0]
         tasks = (n + chunk - 1) // chunk
         for t in prange(tasks):
@@ -141,8 +142,8 @@ def make(mode: int, has_v: bool, has_snap: bool):
             hi = min(lo + chunk, n)
             # Views of the chunk, indexed from 0: the inner loop then vectorizes.
             w_, g_ = w[lo:hi], g[lo:hi]
-            wb_ = wb[lo:hi] if mode == 1 or mode == 2 else wb
-            ms_ = ms[lo:hi] if mode == 2 else ms
+            wb_ = wb[lo:hi] if mode == 1 or mode == 2 or mode == 4 else wb
+            ms_ = ms[lo:hi] if mode == 2 or mode == 4 else ms
             v_ = v[lo:hi] if has_v else v
             s_ = snap[lo:hi] if has_snap else snap
             for i in range(hi - lo):
@@ -157,6 +158,17 @@ def make(mode: int, has_v: bool, has_snap: bool):
                     m = c2 * ms_[i] + c4 * gg
                     ms_[i] = m
                     d = gi + (c1 / np.sqrt(m + c3)) * (gg * (wi - _load(wb_, i)))
+                elif mode == 4:
+                    gg = gi * gi
+                    m = c2 * ms_[i] + c4 * gg
+                    ms_[i] = m
+                    c = (c1 / np.sqrt(m + c3)) * (gg * (wi - _load(wb_, i)))
+                    bound = c5 * abs(gi)
+                    if c > bound:  # comparisons, not min/max: a NaN stays NaN, as in torch.minimum
+                        c = bound
+                    elif c < -bound:
+                        c = -bound
+                    d = gi + c
                 else:
                     d = gi / c1
                     _store(g_, i, np.float32(0.0))

@@ -23,9 +23,25 @@ def _add_rule_options(p: argparse.ArgumentParser) -> list[argparse.Action]:
         p.add_argument("--mode", choices=rules.MODES, default="dcasgd-a", help="update rule (default dcasgd-a)"),
         p.add_argument("--lr", type=float, default=d.lr, help=f"lr when a push carries none (default {d.lr})"),
         p.add_argument("--lam", type=float, default=d.lam, help=f"DC-ASGD-c lambda (default {d.lam})"),
-        p.add_argument("--lam0", type=float, default=d.lam0, help=f"DC-ASGD-a lambda_0 (default {d.lam0})"),
+        p.add_argument(
+            "--lam0", type=float, default=d.lam0, help=f"DC-ASGD-a and dcasgd-s lambda_0 (default {d.lam0})"
+        ),
         p.add_argument("--ms-decay", type=float, default=d.ms_decay, help=f"DC-ASGD-a m (default {d.ms_decay})"),
         p.add_argument("--eps", type=float, default=d.eps, help=f"DC-ASGD-a epsilon (default {d.eps})"),
+        p.add_argument(
+            "--staleness-power",
+            type=float,
+            default=d.staleness_power,
+            metavar="P",
+            help=f"dcasgd-s: lambda_0 grows as (1 + staleness of the push)**P, P >= 0 (default {d.staleness_power})",
+        ),
+        p.add_argument(
+            "--clip",
+            type=float,
+            default=d.clip,
+            metavar="C",
+            help=f"dcasgd-s: the compensation term is clipped to C*|g| element-wise; 0: no clip (default {d.clip})",
+        ),
         p.add_argument("--momentum", type=float, default=d.momentum, help="server-side momentum mu (default 0)"),
         p.add_argument("--sync-timeout", type=float, default=60.0, help="seconds a sync round waits (default 60)"),
         p.add_argument(
@@ -321,6 +337,22 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=4, help="worker processes (default 4)")
     p.add_argument("--shards", type=int, default=2, help="shard processes (default 2)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per worker (default: the example's)")
+    d = rules.RuleConfig()
+    p.add_argument("--lam0", type=float, default=d.lam0, help=f"dcasgd-a and dcasgd-s lambda_0 (default {d.lam0})")
+    p.add_argument(
+        "--staleness-power",
+        type=float,
+        default=d.staleness_power,
+        metavar="P",
+        help=f"dcasgd-s: lambda_0 grows as (1 + staleness)**P (default {d.staleness_power})",
+    )
+    p.add_argument(
+        "--clip",
+        type=float,
+        default=d.clip,
+        metavar="C",
+        help=f"dcasgd-s: clip the compensation term to C*|g|; 0: no clip (default {d.clip})",
+    )
     p.add_argument(
         "--plot",
         metavar="FILE",
@@ -342,6 +374,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def rule_config(a: argparse.Namespace) -> rules.RuleConfig:
+    """The update rule that parsed ``server``, ``launch`` or ``demo`` options give; ValueError names a bad one."""
+    return rules.RuleConfig(
+        mode=a.mode,
+        lr=a.lr,
+        lam=a.lam,
+        lam0=a.lam0,
+        ms_decay=a.ms_decay,
+        eps=a.eps,
+        momentum=a.momentum,
+        staleness_power=a.staleness_power,
+        clip=a.clip,
+    )
+
+
 def cmd_server(a: argparse.Namespace) -> int:
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
@@ -349,9 +396,7 @@ def cmd_server(a: argparse.Namespace) -> int:
             shard=a.shard,
             num_shards=a.num_shards,
             num_workers=a.num_workers,
-            rules=rules.RuleConfig(
-                mode=a.mode, lr=a.lr, lam=a.lam, lam0=a.lam0, ms_decay=a.ms_decay, eps=a.eps, momentum=a.momentum
-            ),
+            rules=rule_config(a),
             sync_timeout=a.sync_timeout,
             compensation=a.compensation,
             non_finite=a.non_finite,
@@ -428,6 +473,11 @@ def cmd_launch(a: argparse.Namespace) -> int:
 
     command = _worker_command(a, "dcasgd launch [options] -- COMMAND [ARGS ...]")
     if command is None:
+        return 2
+    try:
+        rule_config(a)  # a bad rule option is a usage error here, before any shard starts
+    except ValueError as exc:
+        print(f"dcasgd launch: error: {exc}", file=sys.stderr)
         return 2
     server_args = launch_server_args(a)
     try:
@@ -543,7 +593,13 @@ def cmd_keygen(a: argparse.Namespace) -> int:
 def cmd_demo(a: argparse.Namespace) -> int:
     from . import demo
 
-    return demo.main(a.mode, a.compare, a.workers, a.shards, a.epochs, a.plot or demo.PLOT)
+    try:
+        rules.RuleConfig(mode=a.mode, lam0=a.lam0, staleness_power=a.staleness_power, clip=a.clip)
+    except ValueError as exc:
+        print(f"dcasgd demo: error: {exc}", file=sys.stderr)
+        return 2
+    server_args = ["--lam0", str(a.lam0), "--staleness-power", str(a.staleness_power), "--clip", str(a.clip)]
+    return demo.main(a.mode, a.compare, a.workers, a.shards, a.epochs, a.plot or demo.PLOT, server_args=server_args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

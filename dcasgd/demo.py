@@ -61,14 +61,21 @@ def expected_updates(workers: int, epochs: int, batch_size: int) -> int:
 
 
 def run(mode: str, *, workers: int = 4, shards: int = 2, epochs: int = EPOCHS, batch_size: int = 32,
-        extra: list[str] | None = None, progress: bool = True) -> RunResult:  # fmt: skip
-    """Train :mod:`dcasgd.train_digits` once on a fresh local cluster; returns what the last worker measured."""
+        extra: list[str] | None = None, server_args: list[str] | None = None,
+        progress: bool = True) -> RunResult:  # fmt: skip
+    """Train :mod:`dcasgd.train_digits` once on a fresh local cluster; returns what the last worker measured.
+
+    ``extra``: more arguments for the workers' module; ``server_args``: more ``dcasgd server`` options
+    for every shard (``--lam0``, ``--staleness-power``, ``--clip``, ...).
+    """
     with tempfile.TemporaryDirectory(prefix="dcasgd-demo-") as tmp:
         result_file = str(Path(tmp) / "result-{worker}.json")
         command = [sys.executable, "-m", TRAIN, "--epochs", str(epochs), "--batch-size", str(batch_size),
                    "--result-file", result_file, *(extra or [])]  # fmt: skip
         started, started_at = time.perf_counter(), time.time()
-        with LocalCluster(command, shards=shards, workers=workers, mode=mode, quiet=True) as cluster:
+        with LocalCluster(
+            command, shards=shards, workers=workers, mode=mode, server_args=server_args or (), quiet=True
+        ) as cluster:
             cluster.start_servers()
             cluster.start_workers()
             done = threading.Event()
@@ -129,13 +136,17 @@ def plot(results: list[RunResult], path: str | Path) -> Path:
     return path
 
 
-def main(mode: str, compare: bool, workers: int, shards: int, epochs: int | None, plot_path: str = PLOT) -> int:
-    """The ``dcasgd demo`` command; returns the first failing run's exit code, else 0."""
+def main(mode: str, compare: bool, workers: int, shards: int, epochs: int | None, plot_path: str = PLOT,
+         server_args: list[str] | None = None) -> int:  # fmt: skip
+    """The ``dcasgd demo`` command; returns the first failing run's exit code, else 0.
+
+    ``server_args``: ``dcasgd server`` options for every shard of every run (the rule's hyperparameters).
+    """
     epochs = EPOCHS if epochs is None else epochs
     modes = list(MODES) if compare else [mode]
     results = []
     for m in modes:
-        r = run(m, workers=workers, shards=shards, epochs=epochs)
+        r = run(m, workers=workers, shards=shards, epochs=epochs, server_args=server_args)
         print(r.line(), flush=True)
         results.append(r)
     if compare:

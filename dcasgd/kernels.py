@@ -30,9 +30,9 @@ from . import rules
 
 log = logging.getLogger("dcasgd.kernels")
 
-# dcasgd-s is dcasgd-a's kernel with lam0 scaled per push (a scalar: lam0 * (1 + staleness)**p);
-# with a clip it takes the fallback (the kernel has no clip).
-MODE_CODES = {"async": 0, "dcasgd": 1, "dcasgd-a": 2, "sync": 3, "dcasgd-s": 2}
+# dcasgd-s is dcasgd-a's formula with lam0 scaled per push (a scalar: lam0 * (1 + staleness)**p)
+# and the compensation term clipped to clip*|g| in the same pass (no clip: a bound of inf).
+MODE_CODES = {"async": 0, "dcasgd": 1, "dcasgd-a": 2, "sync": 3, "dcasgd-s": 4}
 DC_MODES = ("dcasgd", "dcasgd-a", "dcasgd-s")
 MS_MODES = ("dcasgd-a", "dcasgd-s")  # the modes with a mean square
 CHUNK = 1 << 16  # elements per task: 256 KiB of float32, a few arrays fit in L2
@@ -75,8 +75,6 @@ def _signature(mode: str, g: torch.dtype, w_bak: torch.dtype | None, momentum: b
     """What one compiled kernel serves: the rule, momentum or not, and the arrays' dtypes."""
     if mode not in DC_MODES:
         w_bak = None
-    if mode == "dcasgd-s":
-        mode = "dcasgd-a"  # the same compiled kernel
     return (mode, momentum, str(g), str(w_bak), str(snapshot))
 
 
@@ -94,7 +92,7 @@ def _compile(signatures: list[tuple[str, torch.dtype, torch.dtype | None, bool, 
                 w_bak = torch.zeros(1, dtype=bd) if bd is not None else None
                 v = torch.zeros(1) if momentum else None
                 snap = torch.zeros(1, dtype=sd) if sd is not None else None
-                _run(MODE_CODES[mode], w, g, w_bak, torch.zeros(1), v, snap, 0.0, (1.0, 0.5, 1.0, 0.5), 0.0)
+                _run(MODE_CODES[mode], w, g, w_bak, torch.zeros(1), v, snap, 0.0, (1.0, 0.5, 1.0, 0.5, 1.0), 0.0)
                 _ready.add(key)
     except ImportError as exc:  # numba is not installed: the fallback serves, correctly
         _failed = f"{type(exc).__name__}: {exc}"
@@ -168,6 +166,7 @@ def _run(mode, w, g, w_bak, ms, v, snap, lr, consts, momentum) -> None:
         f32(consts[1]),
         f32(consts[2]),
         f32(consts[3]),
+        f32(consts[4]),
         f32(momentum),
         CHUNK,
     )
@@ -202,8 +201,7 @@ def update(
     ``scratch`` (two float32 tensors like ``w``) and ``g32`` (one, to widen a half-size ``g``
     into). ``fused``: None takes the kernel when it is compiled, False the fallback, True the
     kernel (compiling it now if need be; RuntimeError if numba is missing). ``staleness``
-    (dcasgd-s): the push's staleness, which sets its lambda_0. dcasgd-s with ``config.clip > 0``
-    always takes the fallback (the kernel has no clip). ``ring``: dcasgd-s with
+    (dcasgd-s): the push's staleness, which sets its lambda_0. ``ring``: dcasgd-s with
     ``config.curvature == "fisher"``, the shard's last gradients (always the fallback).
     """
     if mode not in MODE_CODES:
@@ -234,15 +232,11 @@ def update(
         momentum > 0.0,
         snapshot.dtype if snapshot is not None else None,
     )
-    fisher = mode == "dcasgd-s" and config.curvature == "fisher"
-    if fisher and ring is None:
-        raise ValueError("dcasgd-s with curvature='fisher' needs a gradient ring")
-    if mode == "dcasgd-s" and (config.clip > 0.0 or fisher):
+    if mode == "dcasgd-s" and config.curvature == "fisher":
+        if ring is None:
+            raise ValueError("dcasgd-s with curvature='fisher' needs a gradient ring")
         if fused:
-            raise RuntimeError(
-                "the fused kernel has no clip and no Fisher curvature: dcasgd-s with clip > 0 or "
-                "curvature='fisher' runs the torch fallback"
-            )
+            raise RuntimeError("the fused kernel has no Fisher curvature: curvature='fisher' runs the torch fallback")
         fused = False
     if fused is None:
         fused = ready(*sig[:3], momentum=sig[3], snapshot=sig[4])
@@ -254,16 +248,17 @@ def update(
             raise RuntimeError(f"the fused kernel is unavailable: {_failed}")
     if fused:
         if mode == "dcasgd":
-            consts = (config.lam, 0.0, 0.0, 0.0)
+            consts = (config.lam, 0.0, 0.0, 0.0, 0.0)
         elif mode == "dcasgd-a":
-            consts = (config.lam0, config.ms_decay, config.eps, 1.0 - config.ms_decay)  # 1 - m rounded once
+            consts = (config.lam0, config.ms_decay, config.eps, 1.0 - config.ms_decay, 0.0)  # 1 - m rounded once
         elif mode == "dcasgd-s":
             lam_s = rules.staleness_lam0(config.lam0, staleness, config.staleness_power)
-            consts = (lam_s, config.ms_decay, config.eps, 1.0 - config.ms_decay)
+            bound = config.clip if config.clip > 0.0 else math.inf
+            consts = (lam_s, config.ms_decay, config.eps, 1.0 - config.ms_decay, bound)
         elif mode == "sync":
-            consts = (float(count), 0.0, 0.0, 0.0)
+            consts = (float(count), 0.0, 0.0, 0.0, 0.0)
         else:
-            consts = (0.0, 0.0, 0.0, 0.0)
+            consts = (0.0, 0.0, 0.0, 0.0, 0.0)
         v = momentum_buf if momentum > 0.0 else None
         _run(MODE_CODES[mode], w, g, w_bak, ms, v, snapshot, lr, consts, momentum)
         return True

@@ -185,7 +185,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
             # reply in flight lands in; they swap at each step, so nothing is copied on the host.
             self._bufs = [torch.empty(n, pin_memory=self._on_gpu), torch.empty(n, pin_memory=self._on_gpu)]
             self._held = 0  # index of the buffer the parameters hold
-            self._grads = torch.empty(n, pin_memory=self._on_gpu)
+            # The gradient is gathered straight into the wire type (half the bytes over bfloat16).
+            self._grads = torch.empty(n, dtype=getattr(torch, self.client.wire_dtype), pin_memory=self._on_gpu)
             self._views = [[self._slice(b, i) for i in range(len(self._params))] for b in self._bufs]
             self._versions: list[int] = []  # per shard, the version of the weights the parameters hold
             self._from: list[str | None] = []  # per shard, the shard instance that sent them
@@ -232,59 +233,38 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self._check_unchanged()
         if not self.overlap:
             self._gather_grads()
-            self._round_trip(self._held, self._held, lr, keep=1)
+            self._round_trip(self._held, lr, keep=1)
             self._scatter()
             return loss
         self._wait(reraise=True)  # the reply in flight (normally there already); _grads is free again
         self._gather_grads()
-        computed_on, base = self._held, (self._versions, self._from)  # what this gradient was computed on
+        base = (self._versions, self._from)  # the weights this gradient was computed on
         if self._reply is not None:
             self._load(1 - self._held, self._reply)
         if self._sender is None:
             self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dcasgd-sender")
-        # The reply lands in the buffer the parameters no longer hold (after weight decay has read it).
-        self._pending = self._sender.submit(self._round_trip, computed_on, 1 - self._held, lr, 2, base)
+        # The reply lands in the buffer the parameters no longer hold.
+        self._pending = self._sender.submit(self._round_trip, 1 - self._held, lr, 2, base)
         return loss
 
     def _round_trip(
         self,
-        computed_on: int,
         into: int,
         lr: float,
         keep: int,
         base: tuple[list[int], list[str | None]] | None = None,
     ) -> tuple[list[int], list[str | None]]:
-        """Weight decay, push and pull: the reply lands in buffer ``into``. Returns its versions per shard.
+        """Push ``_grads`` and pull: the reply lands in buffer ``into``. Returns its versions per shard.
 
-        Runs on the sender thread with overlap: it reads ``_grads`` and buffers ``computed_on``
-        and ``into`` only, which the caller's thread leaves alone until the round trip is over.
+        Runs on the sender thread with overlap: it reads ``_grads`` and writes buffer ``into``
+        only, which the caller's thread leaves alone until the round trip is over.
         """
         if self._d2h is not None:
             self._d2h.synchronize()  # the gradient's copies to the host are done
             self._h2d.synchronize()  # and the copies out of the buffer the reply will overwrite
-        self._add_weight_decay(self._bufs[computed_on])
         versions, froms = base if base is not None else (None, None)
         self.client.push_pull(self._grads, lr=lr, out=self._bufs[into], base=versions, base_from=froms, keep=keep)
         return list(self.client.versions), list(self.client.received_from)
-
-    def _add_weight_decay(self, weights: Tensor) -> None:
-        """``_grads += wd * weights`` for every parameter that has a gradient (per group's wd)."""
-        for group, (first, end) in zip(self.param_groups, self._groups, strict=True):
-            wd = group["weight_decay"]
-            if wd == 0.0:
-                continue
-            # One add per run of consecutive parameters that have a gradient (usually the whole group).
-            i = first
-            while i < end:
-                if not self._has_grad[i]:
-                    i += 1
-                    continue
-                j = i
-                while j < end and self._has_grad[j]:
-                    j += 1
-                lo, hi = self.layout.offsets[i], self._end(j - 1)
-                self._grads[lo:hi].add_(weights[lo:hi], alpha=wd)
-                i = j
 
     def _wait(self, reraise: bool) -> None:
         """Wait for the round trip in flight, keeping its reply's versions for :meth:`_load`."""
@@ -402,12 +382,20 @@ class DistributedOptimizer(torch.optim.Optimizer):
             self._d2h.synchronize()  # the copies into pinned memory must land before the send
 
     def _gather_grads(self) -> None:
-        """Copy every gradient into ``_grads`` (cast to float32, densified); zeros where there is none.
+        """Write every gradient plus weight decay into ``_grads``, in the wire type; zeros where there is none.
+
+        One pass per parameter: ``grad + wd * w`` is computed and rounded to the wire type once
+        (float32, or bfloat16/float16: then no float32 copy is staged and narrowed later). ``w`` is
+        the float32 weights the shards sent (on a GPU: the parameter, which holds them cast to its
+        dtype). Sparse and other non-strided gradients are densified first.
 
         On a GPU the copies are queued on the side stream (``_d2h`` says when they are done),
         and the current stream waits for them before it runs anything queued later, so the
         caller may zero or overwrite ``.grad`` as soon as this returns.
         """
+        decay = [0.0] * len(self._params)
+        for group, (first, end) in zip(self.param_groups, self._groups, strict=True):
+            decay[first:end] = [group["weight_decay"]] * (end - first)
         with self._on_side_stream():
             for i, p in enumerate(self._params):
                 dst = self._slice(self._grads, i)
@@ -418,14 +406,18 @@ class DistributedOptimizer(torch.optim.Optimizer):
                     continue
                 if self._stream is not None and g.is_cuda:
                     g.record_stream(self._stream)  # its memory is not reused before the copy ran
-                if g.layout == torch.sparse_coo:
-                    # Densified into the flat buffer itself (only the gradient's rows travel to the host).
-                    dst.zero_()
-                    dst.add_(g.to(dst.device))
-                elif g.layout != torch.strided:
-                    dst.copy_(g.to_dense())
+                if g.layout != torch.strided:
+                    g = g.to_dense()  # sparse: the gradient's rows only travel; densified where it lives
+                if g.is_cuda:
+                    if decay[i]:
+                        g = torch.add(g, p.detach(), alpha=decay[i])
+                    # Narrowed on the device (free there), so only wire-type bytes cross to the host.
+                    dst.copy_(g.to(dst.dtype), non_blocking=True)
+                elif decay[i]:
+                    w = self._slice(self._weights, i)
+                    torch.add(g.to(w.dtype), w, alpha=decay[i], out=dst)
                 else:
-                    dst.copy_(g, non_blocking=True)
+                    dst.copy_(g)
         if self._stream is not None:
             self._d2h.record(self._stream)
             torch.cuda.current_stream().wait_event(self._d2h)

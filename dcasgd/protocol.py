@@ -25,7 +25,7 @@ from typing import Any
 
 import msgpack
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: weights replies come in frames of at most REPLY_FRAME_BYTES
 DTYPE = "float32"  # init payloads, and the shard's weights and state
 ITEMSIZE = 4
 # What gradients and weights may travel as (the job's wire type), with their sizes in bytes.
@@ -33,6 +33,9 @@ ITEMSIZE = 4
 WIRE_DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}
 MAX_KEEP = 2  # backups a worker may ask a shard to keep (two with overlapped steps)
 DEFAULT_MAX_HEADER_BYTES = 64 * 1024
+# A weights reply is split into frames of at most this many bytes, under glibc's 32 MiB ceiling for
+# serving a block from reused heap memory rather than a fresh mmap (see ShardServer._send_reply_now).
+REPLY_FRAME_BYTES = 8 << 20
 
 OPS = ("hello", "init", "pull", "push", "push_pull", "stats", "claim", "done", "weights")
 NO_WORKER_OPS = frozenset({"stats", "claim", "weights"})  # asked by a peer that has no worker id (yet)

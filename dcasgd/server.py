@@ -501,8 +501,16 @@ class ShardServer:
         if not self._send(ident, header, more=True):
             return
         buf = snap.tensor.view(torch.uint8).numpy()  # raw bytes of any wire type (numpy has no bfloat16)
-        tracker = self._sock.send(buf, copy=False, track=True)
-        snap.hold(tracker)  # the shard will not reuse this buffer until ZeroMQ is done with it
+        # In frames of at most REPLY_FRAME_BYTES (zero-copy views): the worker's I/O thread allocates each
+        # frame it receives, and glibc serves blocks under its 32 MiB mmap ceiling from reused heap memory,
+        # where one 40 MB frame is a fresh mmap whose pages fault in on every reply (2x the round trip).
+        last = max(0, (buf.nbytes - 1) // protocol.REPLY_FRAME_BYTES)
+        frames = []
+        for k in range(last + 1):
+            chunk = buf[k * protocol.REPLY_FRAME_BYTES : (k + 1) * protocol.REPLY_FRAME_BYTES]
+            frames.append(self._sock.send(chunk, zmq.SNDMORE if k < last else 0, copy=False, track=True))
+        tracker = zmq.MessageTracker(*frames)
+        snap.hold(tracker)  # the shard will not reuse this buffer until ZeroMQ is done with every frame
         self.counters["bytes_out"] += buf.nbytes
         unsent.append(tracker)
         self._unsent[ident] = unsent

@@ -1,6 +1,7 @@
 """A virtual cluster in one process: M stale workers against the real shard code.
 
-``simulate(SimConfig(...))`` trains a small model on scikit-learn's digits with ``workers``
+``simulate(SimConfig(...))`` trains a small model (``model="mlp"``, an MLP, or ``"cnn"``, two
+conv layers and a linear one, see :class:`CnnModel`) on scikit-learn's digits with ``workers``
 virtual workers and a virtual clock. Each worker holds the weights it last received,
 computes a real gradient on its own minibatch (torch, on a flat parameter vector), and
 finishes after a compute time drawn from ``compute``:
@@ -57,12 +58,14 @@ import heapq
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from typing import Any
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from .layout import FlatLayout, shard_ranges
 from .protocol import ITEMSIZE, NON_FINITE, ProtocolError, Request
@@ -71,11 +74,13 @@ from .shard import ShardConfig, ShardState
 
 COMPUTE_MODELS = ("equal", "jitter", "straggler")
 COMPENSATIONS = ("per-worker", "per-parameter")
+MODELS = ("mlp", "cnn")
 MAX_WORKERS = 64
 NUM_FEATURES = 64  # 8x8 pixels
+IMAGE = (1, 8, 8)  # channels, height, width
 NUM_CLASSES = 10
 
-__all__ = ["SimConfig", "SimResult", "simulate", "digits", "MlpModel"]
+__all__ = ["SimConfig", "SimResult", "simulate", "digits", "MlpModel", "CnnModel", "TorchModel", "make_model"]
 
 
 @dataclass(frozen=True)
@@ -84,9 +89,10 @@ class SimConfig:
 
     ``workers``: 1 to 64. ``mode``: a server mode (``sync``, ``async``, ``dcasgd``,
     ``dcasgd-a``). ``epochs``: passes over the training set, counted in gradients (see the
-    module doc). ``hidden``: MLP hidden units (0: softmax regression). ``lam``, ``lam0``,
-    ``ms_decay``, ``momentum``, ``staleness_power``, ``clip``, ``curvature``, ``fisher_rank``, ``fisher_centered``: as
-    :class:`dcasgd.rules.RuleConfig`. ``compensation``:
+    module doc). ``model``: ``"mlp"`` or ``"cnn"`` (:class:`CnnModel`; ``hidden`` is then
+    unused). ``hidden``: MLP hidden units (0: softmax regression). ``lam``, ``lam0``,
+    ``ms_decay``, ``momentum``, ``staleness_power``, ``clip``, ``curvature``, ``fisher_rank``,
+    ``fisher_centered``: as :class:`dcasgd.rules.RuleConfig`. ``compensation``:
     ``"per-worker"`` (the paper) or ``"per-parameter"`` (the ablation; DC modes only).
     ``eval_every``: virtual time between test-accuracy records in ``history`` (0: only the
     start and the end). ``weight_decay`` is added to the gradient on the worker, as
@@ -120,8 +126,11 @@ class SimConfig:
     weight_decay: float = 0.0
     data_seed: int = 0
     overlap: bool = False
+    model: str = "mlp"
 
     def __post_init__(self) -> None:
+        if self.model not in MODELS:
+            raise ValueError(f"model must be one of {', '.join(MODELS)}, got {self.model!r}")
         if not 1 <= self.workers <= MAX_WORKERS:
             raise ValueError(f"workers must be in [1, {MAX_WORKERS}], got {self.workers}")
         if self.mode not in MODES:
@@ -270,22 +279,11 @@ class MlpModel:
 
     def views(self, flat: Tensor) -> list[Tensor]:
         """The parameters as views into ``flat``, in layout order."""
-        out = []
-        for shape, off in zip(self.layout.shapes, self.layout.offsets, strict=True):
-            size = math.prod(shape)
-            out.append(flat[off : off + size].view(shape))
-        return out
+        return _views(self.layout, flat)
 
     def init(self, gen: torch.Generator) -> Tensor:
         """Weights as ``nn.Linear`` draws them: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-        w = torch.empty(self.numel)
-        fan_in = NUM_FEATURES
-        for p, shape in zip(self.views(w), self.layout.shapes, strict=True):
-            if len(shape) == 2:  # a weight (out, in); the bias after it shares its fan-in
-                fan_in = shape[1]
-            bound = 1.0 / math.sqrt(fan_in)
-            p.uniform_(-bound, bound, generator=gen)
-        return w
+        return _init(self, gen)
 
     def logits(self, w: Tensor, x: Tensor) -> Tensor:
         if self.hidden > 0:
@@ -322,6 +320,143 @@ class MlpModel:
             dz.div_(len(y))
             torch.mm(dz.t(), x, out=g1)
             torch.sum(dz, 0, out=gb1)
+
+
+def _views(layout: FlatLayout, flat: Tensor) -> list[Tensor]:
+    out = []
+    for shape, off in zip(layout.shapes, layout.offsets, strict=True):
+        out.append(flat[off : off + math.prod(shape)].view(shape))
+    return out
+
+
+def _init(model: MlpModel | CnnModel, gen: torch.Generator) -> Tensor:
+    """Weights as ``nn.Linear`` and ``nn.Conv2d`` draw them by default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
+    fan_in = the weight's elements per output (in features, or in channels x kernel); a bias shares the
+    fan-in of the weight before it."""
+    w = torch.empty(model.numel)
+    fan_in = NUM_FEATURES
+    for p, shape in zip(model.views(w), model.layout.shapes, strict=True):
+        if len(shape) >= 2:
+            fan_in = math.prod(shape[1:])
+        bound = 1.0 / math.sqrt(fan_in)
+        p.uniform_(-bound, bound, generator=gen)
+    return w
+
+
+class CnnModel:
+    """A small CNN on the 1x8x8 digit images, on a flat float32 vector:
+    ``Conv2d(1, c1, 3, padding=1) -> ReLU -> Conv2d(c1, c2, 3, stride=2, padding=1) -> ReLU ->
+    Flatten -> Linear(c2*4*4, 10)`` (c1 = 8, c2 = 16: 3,818 parameters, against 2,442 for the
+    MLP with 32 hidden units). Its gradient is torch autograd's, on views of the flat vector.
+
+    Parameter names and order are those of the same ``nn.Sequential`` (``0.weight``, ...,
+    ``5.bias``). Inputs are the flat 64-pixel rows the MLP takes.
+    """
+
+    def __init__(self, channels: tuple[int, int] = (8, 16)) -> None:
+        c1, c2 = channels
+        self.channels = channels
+        entries = [
+            ("0.weight", (c1, IMAGE[0], 3, 3)),
+            ("0.bias", (c1,)),
+            ("2.weight", (c2, c1, 3, 3)),
+            ("2.bias", (c2,)),
+            ("5.weight", (NUM_CLASSES, c2 * 4 * 4)),
+            ("5.bias", (NUM_CLASSES,)),
+        ]
+        self.layout = FlatLayout.from_shapes(entries)
+
+    @property
+    def numel(self) -> int:
+        return self.layout.numel
+
+    def views(self, flat: Tensor) -> list[Tensor]:
+        """The parameters as views into ``flat``, in layout order."""
+        return _views(self.layout, flat)
+
+    def init(self, gen: torch.Generator) -> Tensor:
+        """Weights as ``nn.Conv2d`` and ``nn.Linear`` draw them by default."""
+        return _init(self, gen)
+
+    def logits(self, w: Tensor, x: Tensor) -> Tensor:
+        """``x``: (batch, 64) pixels; returns (batch, 10)."""
+        k1, b1, k2, b2, w3, b3 = self.views(w)
+        h = torch.relu(F.conv2d(x.view(-1, *IMAGE), k1, b1, padding=1))
+        h = torch.relu(F.conv2d(h, k2, b2, stride=2, padding=1))
+        return torch.addmm(b3, h.flatten(1), w3.t())
+
+    def accuracy(self, w: Tensor, x: Tensor, y: Tensor) -> float:
+        with torch.no_grad():
+            return (self.logits(w, x).argmax(1) == y).double().mean().item()
+
+    def grad(self, w: Tensor, x: Tensor, y: Tensor, out: Tensor) -> None:
+        """The gradient of the mean cross-entropy of batch ``(x, y)`` at ``w``, into ``out``."""
+        leaf = w.detach().requires_grad_(True)
+        loss = F.cross_entropy(self.logits(leaf, x), y)
+        (g,) = torch.autograd.grad(loss, leaf)
+        out.copy_(g)
+
+
+class TorchModel:
+    """Any ``nn.Module`` classifier as a simulator model (e.g. ResNet-20 for CIFAR-10, see
+    ``benchmarks/staleness.py --data-dir``): its parameters as views of the flat vector, through
+    ``torch.func.functional_call``; the gradient is autograd's, in train mode.
+
+    ``make``: builds the module (called once per :meth:`init`, under the seed of its generator, so
+    the initial weights are the module's own initialization for that seed). ``transform``: applied
+    to a batch of inputs before the module (e.g. uint8 images to normalized floats). Buffers
+    (BatchNorm's running statistics) are not parameters and never reach the shards: one set, in the
+    module, is updated by every worker's gradient computation and used for test accuracy (eval
+    mode). ``eval_batch``: test inputs per forward pass.
+    """
+
+    def __init__(
+        self, make: Callable[[], nn.Module], transform: Callable[[Tensor], Tensor] | None = None, eval_batch: int = 1000
+    ) -> None:
+        self.make, self.transform, self.eval_batch = make, transform, eval_batch
+        self.module = make()
+        self.layout = FlatLayout.from_shapes([(n, tuple(p.shape)) for n, p in self.module.named_parameters()])
+
+    @property
+    def numel(self) -> int:
+        return self.layout.numel
+
+    def views(self, flat: Tensor) -> list[Tensor]:
+        """The parameters as views into ``flat``, in layout order."""
+        return _views(self.layout, flat)
+
+    def init(self, gen: torch.Generator) -> Tensor:
+        """A fresh module's parameters, built under ``gen``'s seed, as one flat vector."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(gen.initial_seed())
+            self.module = self.make()
+        return torch.cat([p.detach().flatten() for p in self.module.parameters()])
+
+    def _forward(self, w: Tensor, x: Tensor) -> Tensor:
+        params = dict(zip(self.layout.names, self.views(w), strict=True))
+        return torch.func.functional_call(self.module, params, (self.transform(x) if self.transform else x,))
+
+    def accuracy(self, w: Tensor, x: Tensor, y: Tensor) -> float:
+        self.module.eval()
+        with torch.no_grad():
+            hits = sum(int((self._forward(w, xb).argmax(1) == yb).sum()) for xb, yb in
+                       zip(x.split(self.eval_batch), y.split(self.eval_batch), strict=True))  # fmt: skip
+        return hits / max(1, len(y))
+
+    def grad(self, w: Tensor, x: Tensor, y: Tensor, out: Tensor) -> None:
+        """The gradient of the mean cross-entropy of batch ``(x, y)`` at ``w``, into ``out``."""
+        self.module.train()
+        leaf = w.detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(F.cross_entropy(self._forward(leaf, x), y), leaf)
+        out.copy_(g)
+
+
+Model = MlpModel | CnnModel | TorchModel
+
+
+def make_model(config: SimConfig) -> MlpModel | CnnModel:
+    """The model ``config.model`` names."""
+    return CnnModel() if config.model == "cnn" else MlpModel(config.hidden)
 
 
 # --- the virtual cluster ---------------------------------------------------------------------
@@ -478,11 +613,17 @@ class _Batches:
         return self.chunks.pop()
 
 
-def simulate(config: SimConfig) -> SimResult:
-    """Run one simulated job to the end of its gradient budget; see the module doc."""
+def simulate(
+    config: SimConfig, *, model: Model | None = None, data: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
+) -> SimResult:
+    """Run one simulated job to the end of its gradient budget; see the module doc.
+
+    ``model`` and ``data`` replace ``config.model`` and the digits (``(x_train, y_train, x_test,
+    y_test)``, rows of inputs and int64 labels), e.g. a :class:`TorchModel` on CIFAR-10.
+    """
     started = time.perf_counter()
-    x_train, y_train, x_test, y_test = digits(config.data_seed)
-    model = MlpModel(config.hidden)
+    x_train, y_train, x_test, y_test = data if data is not None else digits(config.data_seed)
+    model = model if model is not None else make_model(config)
     shards = _Shards(config, model.layout)
     workers = config.workers
     total = config.total_gradients(len(y_train))

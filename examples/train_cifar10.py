@@ -13,45 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import pickle
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from resnet import resnet20  # examples/resnet.py, next to this script
+from cifar10_data import load_cifar10, normalize  # examples/cifar10_data.py, next to this script
+from resnet import resnet20  # examples/resnet.py
 
 import dcasgd
-
-MEAN = (0.4914, 0.4822, 0.4465)
-STD = (0.2470, 0.2435, 0.2616)
-
-
-def load_cifar10(data_dir: str) -> tuple[torch.Tensor, ...]:
-    """uint8 images N x 3 x 32 x 32 and int64 labels: train (every ``data_batch_*``), then test."""
-    root = Path(data_dir).expanduser()
-    if not (root / "test_batch").exists():
-        root = root / "cifar-10-batches-py"  # the tarball's folder, if we were given its parent
-    train_files = sorted(root.glob("data_batch_*"))
-    if not train_files or not (root / "test_batch").exists():
-        raise SystemExit(f"no CIFAR-10 python batches (data_batch_*, test_batch) in {data_dir}")
-
-    def read(files: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
-        batches = []
-        for file in files:
-            with open(file, "rb") as f:
-                batches.append(pickle.load(f, encoding="bytes"))
-        x = torch.cat([torch.as_tensor(b[b"data"]).view(-1, 3, 32, 32) for b in batches])
-        y = torch.cat([torch.as_tensor(b[b"labels"], dtype=torch.int64) for b in batches])
-        return x, y
-
-    return *read(train_files), *read([root / "test_batch"])
-
-
-def normalize(x: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
-    return (x.float() / 255.0 - mean) / std
 
 
 def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -83,7 +52,10 @@ started = time.perf_counter()
 gpus = torch.cuda.device_count()
 device = torch.device(f"cuda:{dcasgd.env.resolve().worker_id % gpus}" if gpus else "cpu")
 torch.backends.cudnn.benchmark = True
-x_train, y_train, x_test, y_test = (t.to(device) for t in load_cifar10(args.data_dir))
+try:
+    x_train, y_train, x_test, y_test = (t.to(device) for t in load_cifar10(args.data_dir))
+except FileNotFoundError as exc:
+    raise SystemExit(str(exc)) from None
 
 torch.manual_seed(args.seed)  # the same initial weights everywhere (worker 0's are the ones used)
 model = resnet20().to(device)

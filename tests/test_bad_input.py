@@ -188,7 +188,8 @@ ERROR_CASES = [
     case("rid-empty-ext", P.BAD_HEADER, head("pull", rid=msgpack.ExtType(1, b""))),
     case("keys-are-bytes", P.BAD_HEADER, {b"v": 1, b"rid": 5, b"op": "stats"}),
     case("v-missing", P.BAD_VERSION, head("pull", v=MISSING)),
-    case("v-2", P.BAD_VERSION, head("pull", v=2)),
+    case("v-next", P.BAD_VERSION, head("pull", v=P.PROTOCOL_VERSION + 1)),
+    case("v-old", P.BAD_VERSION, head("pull", v=1)),
     case("v-true", P.BAD_VERSION, head("pull", v=True)),
     case("v-str", P.BAD_VERSION, head("pull", v="1")),
     case("v-nil", P.BAD_VERSION, head("push", v=None), G),
@@ -510,8 +511,12 @@ def test_user_set_limits_on_message_and_header_size(cluster_factory, raw_peer):
         big = raw_peer(cl.endpoints[0])
         big.send(b"\x00" * 100_000)  # larger than MAXMSGSIZE: the connection goes, nothing reaches the shard
         header = raw_peer(cl.endpoints[0])
-        header.send(msgpack.packb({"v": 1, "op": "stats", "rid": 1, "pad": "x" * 300}))  # a 300-byte header
-        reply, _ = header.request({"v": 1, "op": "stats", "rid": 2})  # answered after the big header was seen
+        header.send(
+            msgpack.packb({"v": P.PROTOCOL_VERSION, "op": "stats", "rid": 1, "pad": "x" * 300})
+        )  # a 300-byte header
+        reply, _ = header.request(
+            {"v": P.PROTOCOL_VERSION, "op": "stats", "rid": 2}
+        )  # answered after the big header was seen
         assert reply["rid"] == 2 and reply["server"]["dropped"] == 1
         stats = good.stats()[0]
         # Without the limit the 100 kB frame would have been read (and dropped as a header) too.

@@ -56,3 +56,31 @@ def test_a_client_changes_malloc_only_when_asked(cluster_factory, setting, tuned
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=30)
         assert out.returncode == 0, out.stderr
         assert out.stdout.strip() == str(tuned)
+
+
+@pytest.mark.timeout(90)
+def test_a_large_weights_reply_comes_in_frames_of_at_most_reply_frame_bytes(cluster_factory, raw_peer):
+    # One 40 MB frame is a fresh mmap in the worker's receiving thread, its pages faulted in on every
+    # reply; frames under glibc's 32 MiB ceiling come from reused heap memory. The client reassembles them.
+    from dcasgd import protocol
+    from dcasgd.client import fetch_weights
+
+    n = (5 * protocol.REPLY_FRAME_BYTES) // 8 + 3  # 2.5 frames' worth of float32, and a ragged end
+    w0 = torch.randn(n, generator=torch.Generator().manual_seed(0))
+    with cluster_factory(1, 2, "async") as cl:
+        with Client(cl.endpoints, 0, timeout=20.0) as c:
+            c.init(w0)
+            torch.testing.assert_close(c.pull(), w0, rtol=0, atol=0)
+            g = torch.randn(n, generator=torch.Generator().manual_seed(1))
+            w1 = c.push_pull(g, lr=0.5)
+            torch.testing.assert_close(w1, w0 - 0.5 * g, rtol=0, atol=0)
+            peer = raw_peer(cl.endpoints[0])
+            head = {"v": protocol.PROTOCOL_VERSION, "op": "pull", "rid": 1, "worker": 1, "fp": c.fingerprint}
+            reply, frames = peer.request(head)
+            assert reply["ok"]
+            assert [len(f) for f in frames] == [protocol.REPLY_FRAME_BYTES] * 2 + [
+                4 * n - 2 * protocol.REPLY_FRAME_BYTES
+            ]
+            assert b"".join(frames) == w1.numpy().tobytes()
+            _, observed = fetch_weights(cl.endpoints[0])
+            torch.testing.assert_close(observed, w1, rtol=0, atol=0)

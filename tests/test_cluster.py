@@ -11,6 +11,7 @@ import torch
 from conftest import in_parallel
 
 from dcasgd import Client, DcasgdError, ServerError, ShardTimeout
+from dcasgd.protocol import PROTOCOL_VERSION
 
 N = 10_007  # not a multiple of the shard counts: slices differ in size
 
@@ -185,10 +186,10 @@ def test_retried_push_with_same_seq_is_applied_once(cluster_factory, raw_peer):
         c.init(torch.zeros(100))
         c.pull()
         peer = raw_peer(cl.endpoints[0])
-        head = {"v": 1, "op": "push_pull", "rid": 1, "worker": 1, "fp": c.fingerprint, "dtype": "float32",
-                "nbytes": 400, "seq": 1, "lr": 1.0}  # fmt: skip
+        head = {"v": PROTOCOL_VERSION, "op": "push_pull", "rid": 1, "worker": 1, "fp": c.fingerprint,
+                "dtype": "float32", "nbytes": 400, "seq": 1, "lr": 1.0}  # fmt: skip
         g = torch.ones(100).numpy().tobytes()
-        assert peer.request({"v": 1, "op": "pull", "rid": 0, "worker": 1, "fp": c.fingerprint})[0]["ok"]
+        assert peer.request({"v": PROTOCOL_VERSION, "op": "pull", "rid": 0, "worker": 1, "fp": c.fingerprint})[0]["ok"]
         first, [w1] = peer.request(head, g)
         again, [w2] = peer.request(head, g)
         assert first["ok"] and again["ok"] and again["duplicate"] is True

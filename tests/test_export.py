@@ -18,7 +18,7 @@ from dcasgd.cli import main
 from dcasgd.client import fetch_stats
 from dcasgd.export import Export, ExportError, tensors
 from dcasgd.layout import fingerprint, flat_fingerprint
-from dcasgd.protocol import BAD_FRAMES, NOT_INITIALIZED, ProtocolError, Request, validate_request
+from dcasgd.protocol import BAD_FRAMES, NOT_INITIALIZED, PROTOCOL_VERSION, ProtocolError, Request, validate_request
 from dcasgd.shard import ShardConfig, ShardState
 
 
@@ -183,12 +183,13 @@ def test_the_command_line_refuses_in_one_line_without_a_traceback(tmp_path):
 def test_the_weights_op_sends_float32_master_weights_and_moves_no_worker_state():
     """Over a bfloat16 wire the snapshots are rounded; an export gets the float32 weights, and no backup moves."""
     state = ShardState(ShardConfig(num_workers=2, rules=RuleConfig(mode="dcasgd"), wire_dtype="bfloat16"))
-    ask = validate_request({"v": 1, "rid": 3, "op": "weights"}, num_workers=2, payload_frames=0)  # no worker id
+    # no worker id
+    ask = validate_request({"v": PROTOCOL_VERSION, "rid": 3, "op": "weights"}, num_workers=2, payload_frames=0)
     with pytest.raises(ProtocolError, match="no weights yet") as refused:
         state.check(ask)
     assert refused.value.code == NOT_INITIALIZED
     with pytest.raises(ProtocolError) as refused:
-        validate_request({"v": 1, "rid": 3, "op": "weights"}, num_workers=2, payload_frames=1)
+        validate_request({"v": PROTOCOL_VERSION, "rid": 3, "op": "weights"}, num_workers=2, payload_frames=1)
     assert refused.value.code == BAD_FRAMES
     n = 5
     w = torch.tensor([1.0 + 2**-20, 2.0, 3.0, 4.0, 5.0 + 2**-18])

@@ -25,6 +25,7 @@ from dcasgd.protocol import (
     BAD_VERSION,
     BAD_WORKER,
     NON_FINITE,
+    PROTOCOL_VERSION,
 )
 
 N, WORKERS = 64, 2
@@ -39,7 +40,7 @@ def live(tmp_path_factory):
         good = Client(cl.endpoints, worker_id=0, timeout=10.0)
         good.init(torch.randn(N, generator=torch.Generator().manual_seed(0)))
         peer = RawPeer(cl.endpoints[0])
-        reply, _ = peer.request({"v": 1, "op": "pull", "rid": 1, "worker": 1, "fp": good.fingerprint})
+        reply, _ = peer.request({"v": PROTOCOL_VERSION, "op": "pull", "rid": 1, "worker": 1, "fp": good.fingerprint})
         assert reply["ok"]
         yield good, peer
         peer.close()
@@ -47,7 +48,7 @@ def live(tmp_path_factory):
 
 
 def valid_push(fp: str) -> dict:
-    return {"v": 1, "op": "push_pull", "rid": 7, "worker": 1, "fp": fp, "seq": 10**6, "dtype": "float32",
+    return {"v": PROTOCOL_VERSION, "op": "push_pull", "rid": 7, "worker": 1, "fp": fp, "seq": 10**6, "dtype": "float32",
             "nbytes": N * 4, "lr": 0.1}  # fmt: skip
 
 
@@ -100,7 +101,7 @@ def hostile_message(draw, fp: str) -> list[bytes]:
 def exchange(peer: RawPeer, frames: list[bytes], stats_rid: int) -> tuple[list[dict], dict]:
     """Send ``frames`` then a stats request; the replies before the stats reply answer ``frames``."""
     peer.send(*frames)
-    peer.send({"v": 1, "op": "stats", "rid": stats_rid})
+    peer.send({"v": PROTOCOL_VERSION, "op": "stats", "rid": stats_rid})
     before = []
     while True:
         got = peer.recv(timeout=10.0)
@@ -118,7 +119,7 @@ def test_hostile_input_never_changes_the_weights(live, data):
     good, peer = live
     frames = data.draw(hostile_message(good.fingerprint))
     weights = good.pull()
-    _, stats_before = exchange(peer, [msgpack.packb({"v": 1, "op": "stats", "rid": 900})], 901)
+    _, stats_before = exchange(peer, [msgpack.packb({"v": PROTOCOL_VERSION, "op": "stats", "rid": 900})], 901)
     replies, stats = exchange(peer, frames, 902)
     assert len(replies) <= 1
     if replies:

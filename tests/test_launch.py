@@ -279,6 +279,7 @@ def test_server_options_pass_through_to_each_shard(tmp_path):
     """Every server option launch takes reaches the shards' own parser with the value given to launch."""
     given = {
         "--lr": "0.5", "--lam": "0.1", "--lam0": "3.0", "--ms-decay": "0.9", "--eps": "1e-06", "--momentum": "0.8",
+        "--staleness-power": "0.25", "--clip": "2.0",
         "--sync-timeout": "9.0", "--compensation": "per-parameter", "--non-finite": "apply", "--threads": "2",
         "--log-level": "DEBUG", "--io-threads": "2", "--max-message-bytes": "8000", "--max-header-bytes": "4096",
         "--checkpoint-dir": str(tmp_path), "--checkpoint-every": "7.0", "--metrics-host": "0.0.0.0",

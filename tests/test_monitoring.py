@@ -14,6 +14,7 @@ from conftest import in_parallel
 from test_metrics import free_port, scrape
 
 from dcasgd import Client
+from dcasgd.protocol import PROTOCOL_VERSION
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "monitoring" / "grafana" / "dashboards" / "dcasgd.json"
@@ -70,7 +71,7 @@ def _job_samples(cluster_factory, raw_peer, mode: str) -> set[str]:
         c1.pull()
         for _ in range(2):  # at once: a sync round closes (and answers) when both have pushed
             in_parallel(*(lambda c=c: c.push_pull(torch.ones(100), lr=0.1) for c in (c0, c1)))
-        reply, _ = raw_peer(cl.endpoints[0]).request({"v": 1, "rid": 1, "op": "no_such_op"})
+        reply, _ = raw_peer(cl.endpoints[0]).request({"v": PROTOCOL_VERSION, "rid": 1, "op": "no_such_op"})
         assert reply["code"] == "bad_op"
         c1.done(0)
         samples = scrape(port)

@@ -247,3 +247,32 @@ def test_a_gradient_whose_square_overflows_is_refused_whole_across_shards(cluste
                 c.push_pull(g, lr=LR)
             torch.testing.assert_close(c.pull(), w, rtol=0, atol=0)
             assert [s["version"] for s in c.stats()] == [0, 0]
+
+
+@pytest.mark.timeout(90)
+def test_the_optimizer_rounds_grad_plus_weight_decay_to_bfloat16_once(cluster_factory):
+    """Over a bfloat16 wire the optimizer writes ``grad + wd * w`` straight into a bfloat16 buffer, rounded once:
+    the shard applies exactly ``bf16(g + wd * w)`` (as with a float32 buffer narrowed later), not
+    ``bf16(bf16(g) + wd * w)``, which a narrowing before the weight decay would give (it differs here)."""
+    lr, wd = 0.5, 0.01
+    with cluster_factory(1, 1, "async", "--wire-dtype", "bfloat16") as cl:
+        model = torch.nn.Linear(64, 32)
+        with torch.no_grad():
+            model.weight.copy_(torch.randn(32, 64, generator=torch.Generator().manual_seed(3)))
+        w_init = torch.cat([p.detach().flatten() for p in model.parameters()]).clone()  # the shard keeps float32
+        opt = dcasgd.DistributedOptimizer(model.parameters(), lr=lr, weight_decay=wd, servers=cl.endpoints,
+                                          worker_id=0, num_workers=1)  # fmt: skip
+        w0 = torch.cat([p.detach().flatten() for p in model.parameters()]).clone()  # as received: rounded
+        assert not torch.equal(w0, w_init)
+        grads = [torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) for i, p in enumerate(opt._params)]
+        for p, g in zip(model.parameters(), grads, strict=True):
+            p.grad = g.clone()
+        opt.step()
+        g = torch.cat([g.flatten() for g in grads])
+        once = (g + wd * w0).to(torch.bfloat16).double()
+        twice = (g.to(torch.bfloat16).float() + wd * w0).to(torch.bfloat16).double()
+        assert (once != twice).sum() > 100, "the test must tell the two roundings apart"
+        _, w1 = dcasgd.client.fetch_weights(cl.endpoints[0])
+        torch.testing.assert_close(w1.double(), w_init.double() - lr * once, rtol=1e-6, atol=1e-7)
+        assert opt._grads.dtype == torch.bfloat16  # no float32 gradient buffer is staged
+        opt.close()

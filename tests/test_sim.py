@@ -15,7 +15,7 @@ from torch import nn
 
 from dcasgd import rules, sim
 from dcasgd.shard import ShardState
-from dcasgd.sim import MlpModel, SimConfig, simulate
+from dcasgd.sim import CnnModel, MlpModel, SimConfig, simulate
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -143,6 +143,40 @@ def test_hand_written_gradient_matches_autograd(hidden):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_cnn_is_the_same_network_as_torch_modules():
+    """CnnModel's layout, initialisation rule, logits and gradient against an nn.Sequential with its weights."""
+    model = CnnModel()
+    x, y, _, _ = sim.digits()
+    w = model.init(torch.Generator().manual_seed(1))
+    net = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
+        nn.Linear(16 * 4 * 4, 10),
+    )  # fmt: skip
+    assert tuple(name for name, _ in net.named_parameters()) == model.layout.names
+    for p, v in zip(net.parameters(), model.views(w), strict=True):
+        bound = 1.0 / p[0].numel() ** 0.5 if p.dim() > 1 else None  # nn's default: U(-1/sqrt(fan_in), ...)
+        if bound is not None:
+            assert 0.9 * bound < v.abs().max().item() <= bound
+        with torch.no_grad():
+            p.copy_(v)
+    logits = net(x[:40].view(-1, 1, 8, 8))
+    torch.testing.assert_close(model.logits(w, x[:40]), logits, rtol=1e-5, atol=1e-6)
+    F.cross_entropy(logits, y[:40]).backward()
+    expected = torch.cat([p.grad.flatten() for p in net.parameters()])
+    got = torch.empty_like(w)
+    model.grad(w, x[:40], y[:40], got)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert not w.requires_grad
+
+
+def test_cnn_runs_are_deterministic_and_learn():
+    config = SimConfig(**SHORT, workers=4, mode="dcasgd-s", model="cnn", compute="jitter", shards=2)
+    a, b = simulate(config), simulate(config)
+    assert torch.equal(a.weights, b.weights) and a.weights.numel() == CnnModel().numel
+    assert a.to_dict()["config"]["model"] == "cnn"
+    assert a.final_accuracy > a.history[0][2] + 0.2
+
+
 def test_history_records_test_accuracy_on_the_virtual_clock():
     result = run(workers=4, mode="async", eval_every=2.0)
     times = [t for t, _, _ in result.history]
@@ -265,6 +299,7 @@ def test_overlap_is_deterministic_and_differs_from_no_overlap():
         ({"epochs": 0}, "epochs must be > 0"),
         ({"compute": "straggler", "workers": 2, "stragglers": 3}, "stragglers must be in"),
         ({"mode": "sync", "overlap": True}, "overlap=True needs an asynchronous mode"),
+        ({"model": "resnet"}, "model must be one of"),
     ],
 )
 def test_config_refuses_invalid_values(fields, message):
@@ -303,3 +338,61 @@ def test_a_refused_gradient_ends_the_run_as_diverged():
     res = simulate(SimConfig(workers=4, mode="dcasgd-a", lr=1e6, epochs=2.0))
     assert res.diverged and res.gradients < SimConfig(epochs=2.0).total_gradients(len(sim.digits()[1]))
     assert res.to_dict()["diverged"] is True and 0.0 <= res.final_accuracy <= 1.0
+
+
+@pytest.mark.timeout(120)
+def test_staleness_study_on_cifar10_resnet20_from_a_data_dir(tmp_path):
+    """--data-dir: ResNet-20 (examples/resnet.py) on CIFAR-10 in its python-pickle format (a tiny
+    random set written by examples/make_cifar_fixture.py; no network), end to end."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        from make_cifar_fixture import write_cifar10
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    write_cifar10(tmp_path / "data", train_batches=2, per_batch=16, test=24)
+    out = tmp_path / "staleness"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "staleness.py"), "--data-dir", str(tmp_path / "data")]
+    cmd += ["--workers", "2", "--seeds", "1", "--methods", "DC-ASGD-s", "--batch-size", "8", "--epochs", "0.5"]
+    proc = subprocess.run(cmd + ["--jobs", "1", "--out", str(out)], capture_output=True, text=True, timeout=110)
+    assert proc.returncode == 0, proc.stderr
+    assert "model resnet20 (CIFAR-10)" in proc.stdout
+    doc = json.loads((out / "staleness.json").read_text())
+    assert doc["settings"]["data_dir"] == str(tmp_path / "data") and doc["settings"]["batch_size"] == 8
+    assert [(r["method"], r["workers"], r["result"]["gradients"]) for r in doc["runs"]] == [
+        ("SGD", 1, 2),
+        ("DC-ASGD-s", 2, 2),
+    ]  # 32 images, batch 8, half an epoch
+    for r in doc["runs"]:
+        acc = r["result"]["final_accuracy"]
+        assert acc * 24 == round(acc * 24)  # a fraction of the 24 test images
+
+
+def test_resnet20_through_the_simulator_model():
+    """TorchModel: ResNet-20's parameters as one flat vector, autograd's gradient, the module's own init."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import staleness
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    model = staleness.resnet20_model()
+    w = model.init(torch.Generator().manual_seed(5))
+    assert w.numel() == model.numel == sum(p.numel() for p in model.module.parameters())
+    assert torch.equal(w, model.init(torch.Generator().manual_seed(5)))
+    assert not torch.equal(w, model.init(torch.Generator().manual_seed(6)))
+    model.init(torch.Generator().manual_seed(5))
+    x, y = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8), torch.tensor([0, 3, 9, 3])
+    got = torch.empty_like(w)
+    model.grad(w, x, y, got)
+    net = model.make()
+    with torch.no_grad():
+        for p, v in zip(net.parameters(), model.views(w), strict=True):
+            p.copy_(v)
+    net.train()
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        from cifar10_data import normalize
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    F.cross_entropy(net(normalize(x)), y).backward()
+    torch.testing.assert_close(got, torch.cat([p.grad.flatten() for p in net.parameters()]), rtol=1e-4, atol=1e-6)
+    assert 0.0 <= model.accuracy(w, x, y) <= 1.0
