@@ -1,4 +1,4 @@
-run() { /work/main/.venv/bin/python scratch/proto.py "$1" "$2"; }
+run() { /work/main/.venv/bin/python benchmarks/candidates/proto.py "$1" "$2"; }
 run diagms-l8 '{"comp": "diagms", "lam0": 8.0, "power": 0, "clip": 0}'
 run diagms-l8-clip1 '{"comp": "diagms", "lam0": 8.0, "power": 0, "clip": 1}'
 run rankK256-l8 '{"comp": "rankK", "K": 256, "lam0": 8.0, "power": 0, "clip": 0}'

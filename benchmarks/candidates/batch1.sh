@@ -1,4 +1,4 @@
-run() { /work/main/.venv/bin/python scratch/proto.py "$1" "$2"; }
+run() { /work/main/.venv/bin/python benchmarks/candidates/proto.py "$1" "$2"; }
 run negmom-0.2 '{"momentum": -0.2}'
 run negmom-0.4 '{"momentum": -0.4}'
 run negmom-0.6 '{"momentum": -0.6}'

@@ -1,4 +1,4 @@
-run() { /work/main/.venv/bin/python scratch/proto.py "$1" "$2"; }
+run() { /work/main/.venv/bin/python benchmarks/candidates/proto.py "$1" "$2"; }
 run rank1c-4 '{"comp": "rank1c", "lam0": 4.0, "power": 0}'
 run rank1c-16 '{"comp": "rank1c", "lam0": 16.0, "power": 0}'
 run rank1c-8-noclip '{"comp": "rank1c", "lam0": 8.0, "power": 0, "clip": 0}'

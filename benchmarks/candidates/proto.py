@@ -2,7 +2,7 @@
 
 Monkeypatches ``kernels.update`` for mode dcasgd-s with a parametrised Python rule and
 ``ShardState._record`` to learn the pushing worker. One shard, so one rule state per run.
-Usage: python scratch/proto.py NAME '{"json": "params"}' [M ...]   (prints one line per M)
+Usage: python benchmarks/candidates/proto.py NAME '{"json": "params"}' [M ...]   (prints one line per M)
 """
 
 from __future__ import annotations
@@ -253,7 +253,7 @@ def main():
         )
     line = f"{name:<40} " + "  ".join(out)
     print(line, flush=True)
-    with open("/work/wt-rule13b/scratch/log.txt", "a") as f:
+    with open("/work/wt-rule13b/benchmarks/candidates/log.txt", "a") as f:
         f.write(line + "  " + json.dumps(params) + "\n")
 
 

@@ -1,4 +1,4 @@
-run() { /work/main/.venv/bin/python scratch/proto.py "$1" "$2"; }
+run() { /work/main/.venv/bin/python benchmarks/candidates/proto.py "$1" "$2"; }
 run rankK8-l8-clip1 '{"comp": "rankK", "K": 8, "lam0": 8.0, "power": 0}'
 run rankK32-l8-clip1 '{"comp": "rankK", "K": 32, "lam0": 8.0, "power": 0}'
 run rankK32-l8-noclip '{"comp": "rankK", "K": 32, "lam0": 8.0, "power": 0, "clip": 0}'

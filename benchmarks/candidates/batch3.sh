@@ -1,4 +1,4 @@
-run() { /work/main/.venv/bin/python scratch/proto.py "$1" "$2"; }
+run() { /work/main/.venv/bin/python benchmarks/candidates/proto.py "$1" "$2"; }
 run gate8-0-2 '{"comp": "gate", "lam0": 8.0, "power": 0, "clip": 0}'
 run gate8-0-1 '{"comp": "gate", "lam0": 8.0, "power": 0, "clip": 0, "hi": 1.0}'
 run gate8-0-4 '{"comp": "gate", "lam0": 8.0, "power": 0, "clip": 0, "hi": 4.0}'
