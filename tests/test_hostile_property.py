@@ -57,7 +57,12 @@ GOOD_PAYLOAD = torch.full((N,), 0.5).numpy().tobytes()
 # Each entry makes a valid push invalid: (field, a value it must not have); None deletes the field.
 BREAKS = st.one_of(
     st.tuples(st.just("op"), st.sampled_from(["pushpull", "", "PULL", 3, None, [1], b"push"])),
-    st.tuples(st.just("v"), st.sampled_from([0, 2, "1", 1.0, True, None])),
+    st.tuples(
+        st.just("v"),
+        st.sampled_from(
+            [0, PROTOCOL_VERSION - 1, PROTOCOL_VERSION + 1, str(PROTOCOL_VERSION), float(PROTOCOL_VERSION), True, None]
+        ),
+    ),
     st.tuples(st.just("worker"), st.sampled_from([-1, WORKERS, 2**63 - 1, "1", True, 1.5, None])),
     st.tuples(st.just("seq"), st.sampled_from([0, -1, "9", 1.5, None])),
     st.tuples(st.just("dtype"), st.sampled_from(["float64", ">f4", "", 4, None])),

@@ -14,6 +14,7 @@ import torch
 
 from dcasgd import Client
 from dcasgd.client import fetch_stats
+from dcasgd.protocol import PROTOCOL_VERSION
 from dcasgd.watch import quantile
 
 N = 1000
@@ -86,7 +87,7 @@ def rows(frame: list[str], first: str) -> dict[str, list[str]]:
 def test_watch_shows_shards_workers_and_errors_of_a_running_job(cluster_factory, raw_peer):
     with cluster_factory(2, 3, "dcasgd-a") as cl, Pushers(cl.endpoints, 3, {0: 0.005, 1: 0.1}) as job:
         job.clients[2].done(0)  # worker 2 never pushes and reports its end
-        bad, _ = raw_peer(cl.endpoints[1]).request({"v": 1, "rid": 1, "op": "no_such_op"})
+        bad, _ = raw_peer(cl.endpoints[1]).request({"v": PROTOCOL_VERSION, "rid": 1, "op": "no_such_op"})
         assert bad["ok"] is False and bad["code"] == "bad_op"
         wait_until_pushed(cl.endpoints, [0, 1])
         out = watch("--count", "2", "--interval", "1", *cl.endpoints)
