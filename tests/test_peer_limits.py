@@ -28,21 +28,13 @@ MIB = 1 << 20
 K = MIB // 4  # floats in a 1 MiB shard
 
 
-def rss_mib(pid: int) -> float:
+def rss_mib(pid: int, field: str = "VmRSS") -> float:
+    """The process's resident size in MiB; ``field="VmHWM"``: its peak since start or :func:`reset_peak_rss`."""
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
-
-
-def peak_rss_mib(pid: int) -> float:
-    """The process's peak resident size since its start or :func:`reset_peak_rss` (VmHWM)."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError("no VmHWM")
+    raise AssertionError(f"no {field}")
 
 
 def reset_peak_rss(pid: int) -> None:
@@ -200,7 +192,7 @@ def send_big_frame(endpoint: str, c: Client, pid: int, nbytes: int) -> tuple[flo
     grew meanwhile (MiB), and what happened: "cut off", or what says the frame got through."""
     before = c.stats()[0]["server"]
     reset_peak_rss(pid)
-    base = peak_rss_mib(pid)
+    base = rss_mib(pid, "VmHWM")
     ctx = zmq.Context()
     try:
         peer = ctx.socket(zmq.DEALER)
@@ -213,7 +205,7 @@ def send_big_frame(endpoint: str, c: Client, pid: int, nbytes: int) -> tuple[flo
         outcome = "answered" if peer.poll(100) else f"read {read} bytes" if read >= nbytes else "cut off"
     finally:
         ctx.destroy(linger=0)
-    return peak_rss_mib(pid) - base, outcome
+    return rss_mib(pid, "VmHWM") - base, outcome
 
 
 @pytest.mark.timeout(120)
