@@ -98,8 +98,9 @@ def _add_shard_options(p: argparse.ArgumentParser, *, launch: bool) -> list[argp
             type=int,
             default=None,
             help="largest frame a peer may send, in bytes; a peer that sends more is disconnected (ZeroMQ "
-            "MAXMSGSIZE, fixed when the shard binds). Default: the largest legal frame when the model size "
-            "is known at start (--resume), else 1 GiB (an init of up to 2**28 floats per shard). An init "
+            "MAXMSGSIZE). Default: the largest legal frame once the model size is known (--resume, or "
+            "the first init: the shard then binds again, and workers reconnect once), 1 GiB before (an "
+            "init of up to 2**28 floats per shard). An init "
             "holds 4 bytes per float of a shard's slice: for larger slices set at least 4 times the floats "
             "in the largest slice (dcasgd status shows each shard's [lo, hi)); 0: no limit",
         )

@@ -759,9 +759,11 @@ def _ask_frames(
     ctx = context or zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
-    monitor = sock.get_monitor_socket(_HANDSHAKE_FAILED)
+    # Handshakes: why one failed (for the error), and a reconnection (a shard that binds again after its
+    # first init, or restarted), after which the request goes again: what the old connection held may be lost.
+    monitor = sock.get_monitor_socket(_HANDSHAKE_EVENTS)
+    handshakes = _Handshakes()
     deadline = time.monotonic() + timeout
-    failure: tuple[int, int] | None = None
     try:
         if keys is not None:
             keys.apply(sock)
@@ -775,12 +777,13 @@ def _ask_frames(
             wait = deadline - time.monotonic()
             ready = dict(poller.poll(max(0, int(wait * 1000)))) if wait > 0 else {}
             if not ready:
+                failure = handshakes.failure
                 hint = f": {handshake_hint(*failure, curve=keys is not None)}" if failure else ""
                 error = HandshakeError if failure else ShardTimeout
                 raise error(f"{endpoint} did not answer {header['op']} within {timeout:.1f} s{hint}")
-            if monitor in ready:
-                event = zmq_monitor.recv_monitor_message(monitor)
-                failure = (event["event"], event["value"])
+            if monitor in ready and handshakes.read(monitor) and sent:
+                sent = False  # stats, weights and claim (by name) are safe to ask twice
+                poller.modify(sock, zmq.POLLIN | zmq.POLLOUT)
             if not sent and ready.get(sock, 0) & zmq.POLLOUT:
                 sock.send(request, zmq.NOBLOCK)  # writable: never blocks, a failed handshake leaves no pipe
                 sent = True

@@ -44,9 +44,11 @@ MAX_QUEUED_REQUESTS = 4  # RCVHWM: each up to --max-message-bytes
 MAX_QUEUED_REPLIES = 64  # SNDHWM: headers (a burst of small answers fits)
 MAX_WEIGHT_REPLIES = 4  # answers with weights not yet sent (their trackers): a snapshot each, at most
 # ZeroMQ's frame size limit before the model size is known: an init of up to 2**28 floats per shard (a
-# model of 1G parameters on 4 shards). Once the size is known (a resumed shard), the largest legal frame.
+# model of 1G parameters on 4 shards). Once the size is known (a resumed shard, or after the first init),
+# the largest legal frame.
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 30
 _ENVELOPE = 4096  # bytes a frame may exceed its payload on the wire (CURVE's box and command name)
+_REBIND_SECONDS = 10.0  # to close the listener and bind its endpoint again when the limit tightens
 
 
 class BindError(ValueError):
@@ -84,7 +86,8 @@ class ShardServer:
         self.shard = ShardState(config)
         self._setup_checkpoints(checkpoint_dir, checkpoint_every, resume)  # with resume, replaces self.shard
         self.max_header_bytes = max_header_bytes
-        self.max_message_bytes = self._message_limit(max_message_bytes)
+        self._limit_asked = max_message_bytes  # None: the default, which tightens once the model size is known
+        self.max_message_bytes = self._message_limit()
         if io_threads < 1:
             raise ValueError(f"io_threads must be >= 1, got {io_threads}")
         self._ipc_file: tuple[str, int] | None = None  # (path, inode) of the socket file this server made
@@ -99,8 +102,9 @@ class ShardServer:
         self._sock.setsockopt(zmq.SNDHWM, MAX_QUEUED_REPLIES)
         self._sock.setsockopt(zmq.RCVHWM, MAX_QUEUED_REQUESTS)
         if self.max_message_bytes > 0:  # ZeroMQ drops the connection of a peer that sends a larger frame
-            # Set before bind: libzmq copies the options into the listener, so a later change would not
-            # reach new connections (and unbind + bind would cut every connection).
+            # Set before bind: libzmq copies the options into the listener, and each connection keeps the
+            # listener's. A later change reaches no connection until the endpoint is bound again (what
+            # _tighten_message_limit does once, after the first init, and which cuts every connection).
             self._sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
         self._auth = None
         if secured:  # CURVE: encrypted, and only workers whose public keys are in curve_clients get through
@@ -113,17 +117,13 @@ class ShardServer:
             self.close()  # nothing of a shard that could not start stays open
             raise
         self.endpoint: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        path = job_env.ipc_path(self.endpoint)
-        if path is not None:
-            try:
-                self._ipc_file = (path, os.stat(path).st_ino)
-            except OSError:
-                pass
+        self._note_ipc_file()
         # ZeroMQ ends the connection of a peer whose frame is over MAXMSGSIZE and tells nobody: the
         # message never arrives, and the monitor's DISCONNECTED event is the only trace. It is the same
         # event as a peer that closed its socket (libzmq 4.3 gives no reason), so disconnects are counted
         # and, with a limit set, logged with the hint.
-        self._monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        # (EVENT_CLOSED: the listener's, awaited by _tighten_message_limit before it binds again.)
+        self._monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED)
         security.warn_if_exposed(self.endpoint, secured)
         self._stop = threading.Event()
         self.counters: Counter[str] = Counter()
@@ -141,11 +141,11 @@ class ShardServer:
         # Return from serve() once every worker has reported its end (docker compose: the job is over).
         self.exit_when_done = exit_when_done
 
-    def _message_limit(self, requested: int | None) -> int:
-        """ZeroMQ's frame limit: ``requested`` if given (0: none), else the largest legal frame when the
-        model size is known (resumed from a checkpoint), else ``DEFAULT_MAX_MESSAGE_BYTES``."""
-        if requested is not None:
-            return requested
+    def _message_limit(self) -> int:
+        """ZeroMQ's frame limit: the one asked for if any (0: none), else the largest legal frame when the
+        model size is known (resumed from a checkpoint, or initialized), else ``DEFAULT_MAX_MESSAGE_BYTES``."""
+        if self._limit_asked is not None:
+            return self._limit_asked
         if not self.shard.initialized:
             return DEFAULT_MAX_MESSAGE_BYTES + _ENVELOPE
         return max(self.max_header_bytes, self.shard.size * protocol.ITEMSIZE) + _ENVELOPE
@@ -165,6 +165,15 @@ class ShardServer:
         if self._own_ctx:
             self._ctx.term()
         self._remove_ipc_file()
+
+    def _note_ipc_file(self) -> None:
+        """Remember the ipc socket file that binding :attr:`endpoint` made (by inode), for :meth:`close`."""
+        path = job_env.ipc_path(self.endpoint)
+        if path is not None:
+            try:
+                self._ipc_file = (path, os.stat(path).st_ino)
+            except OSError:
+                pass
 
     def _remove_ipc_file(self) -> None:
         """Remove the ipc socket file this server bound (ZeroMQ leaves it), unless another has replaced it."""
@@ -260,6 +269,10 @@ class ShardServer:
             route = (ident, req.rid, req.op)
             self.phase_seconds["receive"] += time.perf_counter() - t0
             replies = self._dispatch(req, payloads, key)
+            if req.op == "init" and self.max_message_bytes != self._message_limit():
+                # The model size is known now. Bind again under the tight limit before any answer says the
+                # shard has weights: a peer that heard it can reach only the new listener.
+                self._tighten_message_limit()
             answered = False
             for reply in replies:
                 if reply.worker == req.worker and not answered:
@@ -531,20 +544,83 @@ class ShardServer:
         self.counters["bytes_out"] += len(data)
         return True
 
+    def _tighten_message_limit(self) -> None:
+        """Make the largest legal frame ZeroMQ's limit, now that an init told the model size.
+
+        A connection keeps the limit of the listener that accepted it, and a listener the one the
+        socket had when it was bound; so: set the limit, unbind, wait until ZeroMQ has closed the
+        listener, and bind the same endpoint again (the port or path workers know). Unbinding ends every
+        connection the listener accepted, once ZeroMQ has written what is queued for it (LINGER; a large
+        answer may be cut short). Peers reconnect by themselves, and a Client resends the request it had
+        in flight, the init included (a second init is answered, not applied; a push is applied at most
+        once: seq). Raises BindError if the endpoint cannot be bound again within ``_REBIND_SECONDS``,
+        after a checkpoint if it has a directory: the shard must stop, not live on unreachable.
+        """
+        limit, endpoint = self._message_limit(), self.endpoint
+        deadline = time.monotonic() + _REBIND_SECONDS
+        self._sock.setsockopt(zmq.MAXMSGSIZE, limit)
+        self._sock.unbind(endpoint)
+        try:
+            if not self._read_monitor(closed=endpoint, deadline=deadline):
+                raise BindError(f"ZeroMQ did not close the listener within {_REBIND_SECONDS:.0f} s")
+            path = job_env.ipc_path(endpoint)
+            if path is not None:  # ZeroMQ leaves the file; a bind replaces it, unless another process took it
+                _check_ipc_bind(endpoint, path)
+            while True:
+                try:
+                    self._sock.bind(endpoint)
+                    break
+                except zmq.ZMQError as exc:  # EADDRINUSE: the old listener's port may not be free at once
+                    if exc.errno != zmq.EADDRINUSE or time.monotonic() >= deadline:
+                        raise BindError(zmq.strerror(exc.errno)) from None
+                    time.sleep(0.01)  # a retry, under the deadline
+        except BindError as exc:
+            log.error(
+                "shard %d: cannot bind %s again to tighten the message limit: %s. The shard stops; start it "
+                "again (with --max-message-bytes given, a shard never rebinds)",
+                self.config.shard,
+                endpoint,
+                exc,
+            )
+            self._checkpoint("on stop")  # the weights it got, for --resume
+            raise BindError(f"{endpoint} again (to tighten the message limit): {exc}") from None
+        self._note_ipc_file()
+        log.info(
+            "shard %d: model size known: message limit tightened from %d to %d bytes (the largest legal "
+            "frame); %s bound again, so every peer reconnected once",
+            self.config.shard,
+            self.max_message_bytes,
+            limit,
+            endpoint,
+        )
+        self.max_message_bytes = limit
+
     def _disconnects(self) -> None:
         """Count the peers whose connection ended (the monitor's queued events) and say what it may mean."""
-        n = 0
-        while True:
-            try:
-                event = zmq_monitor.recv_monitor_message(self._monitor, zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            n += event["event"] == zmq.EVENT_DISCONNECTED
-        if not n:
-            return
         with self.lock:
-            self.counters["disconnects"] += n
-            total = self.counters["disconnects"]
+            self._read_monitor()
+
+    def _read_monitor(self, closed: str | None = None, deadline: float = 0.0) -> bool:
+        """Read the monitor's queued events, and count the disconnects (the caller holds ``self.lock``).
+
+        ``closed``: an endpoint whose listener is closing; then wait until ``time.monotonic()`` reaches
+        ``deadline`` for ZeroMQ to report it closed. Returns whether it did (always True without ``closed``).
+        """
+        n, done = 0, closed is None
+        while True:
+            wait = 0 if done else int(max(0.0, deadline - time.monotonic()) * 1000) + 1
+            if not self._monitor.poll(wait) or (not done and time.monotonic() > deadline):
+                break
+            event = zmq_monitor.recv_monitor_message(self._monitor)
+            n += event["event"] == zmq.EVENT_DISCONNECTED
+            done = done or (event["event"] == zmq.EVENT_CLOSED and event["endpoint"].decode() == closed)
+        if n:
+            self._count_disconnects(n)
+        return done
+
+    def _count_disconnects(self, n: int) -> None:
+        self.counters["disconnects"] += n
+        total = self.counters["disconnects"]
         if self.max_message_bytes <= 0:
             log.debug("shard %d: %d peer connection(s) ended (%d in all)", self.config.shard, n, total)
             return
@@ -655,6 +731,9 @@ def run_server(
     print(f"dcasgd shard {config.shard}/{config.num_shards} listening on {server.endpoint}", flush=True)
     try:
         server.serve()
+    except BindError as exc:  # the endpoint could not be bound again to tighten the message limit (logged)
+        print(f"dcasgd server: cannot bind {exc}", file=sys.stderr)
+        return 1
     finally:
         if httpd is not None:
             httpd.shutdown()

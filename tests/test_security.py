@@ -315,6 +315,30 @@ def test_curve_over_ipc(cluster_factory, keys):
     assert "CURVE on: 1 allowed client key(s)" in cl.log(0)
 
 
+@pytest.mark.timeout(90)
+def test_curve_holds_across_the_rebind_at_the_first_init(cluster_factory, keys, monkeypatch):
+    """A fresh shard binds its endpoint again after the first init (to tighten its message limit): CURVE is
+    a socket option, so the new listener is as secure; the workers reconnect with their keys and train on,
+    a stranger is still refused."""
+    monkeypatch.setenv("DCASGD_FUSED", "0")  # the plain-torch update: no kernel compile in the shard
+    with cluster_factory(1, 2, "async", *keys.server_args) as cl:
+        w0, g = weights(), gradient()
+        with keys.allowed(cl.endpoints, 0) as c0, keys.allowed(cl.endpoints, 1) as c1:
+            assert c0.stats()[0]["max_message_bytes"] > 1 << 30
+            c0.init(w0)
+            torch.testing.assert_close(c1.pull(), w0, rtol=0, atol=0)
+            torch.testing.assert_close(c1.push_pull(g, lr=LR), w0 - LR * g, rtol=0, atol=1e-6)
+            torch.testing.assert_close(c0.pull(), w0 - LR * g, rtol=0, atol=1e-6)
+            st = c0.stats()[0]
+            assert st["version"] == 1
+            assert st["max_message_bytes"] == max(protocol.DEFAULT_MAX_HEADER_BYTES, 4 * N) + 4096
+            for c in (c0, c1):  # both connected before the init, and again after it
+                assert c._handshakes[c._socks[0]].succeeded == 2
+        with pytest.raises(HandshakeError):
+            fetch_stats(cl.endpoints[0], timeout=1.0, curve_key=keys.stranger_secret, server_key=keys.server_public)
+    assert "message limit tightened" in cl.log(0)
+
+
 # --- a worker id belongs to the key that first used it ------------------------------------------
 
 
