@@ -85,6 +85,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help=f"dcasgd-s: lambda_0 * (1 + staleness)**P (default {d.staleness_power})")  # fmt: skip
     ap.add_argument("--clip", type=float, default=d.clip, metavar="C",
                     help=f"dcasgd-s: compensation clipped to C*|g|, 0: none (default {d.clip})")  # fmt: skip
+    ap.add_argument(
+        "--fisher-lam0", type=float, default=d.fisher_lam0, help=f"dcasgd-f lambda (default {d.fisher_lam0})"
+    )
+    ap.add_argument("--fisher-cap", type=float, default=d.fisher_cap,
+                    help=f"dcasgd-f: lr * lambda_max(F) capped at this, 0: none (default {d.fisher_cap})")  # fmt: skip
     ap.add_argument("--quick", action="store_true", help=f"M in {QUICK['workers']}, {QUICK['epochs']:g} epochs, "
                     f"target {QUICK['target']} (unless given)")  # fmt: skip
     ap.add_argument("--simulate", action="store_true", help="also run the grid in dcasgd.sim, for --sim-workers")
@@ -98,7 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if min(a.workers) < 1 or a.shards < 1:
         ap.error("--workers and --shards must be >= 1")
     try:
-        RuleConfig(lr=a.lr, lam0=a.lam0, staleness_power=a.staleness_power, clip=a.clip)
+        RuleConfig(lr=a.lr, lam0=a.lam0, staleness_power=a.staleness_power, clip=a.clip, fisher_lam0=a.fisher_lam0,
+                   fisher_cap=a.fisher_cap)  # fmt: skip
     except ValueError as exc:
         ap.error(str(exc))
     return a
@@ -106,7 +112,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def rule_args(a: argparse.Namespace) -> list[str]:
     """The rule's hyperparameters as ``dcasgd server`` options (the simulator gets the same values)."""
-    return ["--lam0", str(a.lam0), "--staleness-power", str(a.staleness_power), "--clip", str(a.clip)]
+    return ["--lam0", str(a.lam0), "--staleness-power", str(a.staleness_power), "--clip", str(a.clip),
+            "--fisher-lam0", str(a.fisher_lam0), "--fisher-cap", str(a.fisher_cap)]  # fmt: skip
 
 
 def lr_for(mode: str, workers: int, a: argparse.Namespace) -> float:
@@ -174,7 +181,7 @@ def run_sim(mode: str, workers: int, a: argparse.Namespace) -> dict:
         compute="straggler" if straggle else "equal", jitter=0.0, straggler_k=a.straggler if straggle else 1.0,
         stragglers=1 if straggle else 0, seed=a.seed, hidden=a.hidden, shards=a.shards, eval_every=1.0,
         weight_decay=a.weight_decay, compensation=a.compensation, lam0=a.lam0, staleness_power=a.staleness_power,
-        clip=a.clip,
+        clip=a.clip, fisher_lam0=a.fisher_lam0, fisher_cap=a.fisher_cap,
     )  # fmt: skip
     result = simulate(config)
     unit = a.compute_ms / 1000.0 if a.compute_ms > 0 else 1.0

@@ -55,7 +55,19 @@ _PREFIX = struct.Struct("<IQ")
 _DIGEST = 32
 _HEAD = len(MAGIC) + _PREFIX.size + _DIGEST
 _NAME = re.compile(r"^shard(\d+)-v(\d+)\.ckpt$")
-_RULES = ("lr", "lam", "lam0", "ms_decay", "eps", "momentum", "staleness_power", "clip")
+_RULES = (
+    "lr",
+    "lam",
+    "lam0",
+    "ms_decay",
+    "eps",
+    "momentum",
+    "staleness_power",
+    "clip",
+    "fisher_lam0",
+    "fisher_cap",
+    "fisher_rank",
+)
 _MUTABLE = ("w", "ms", "momentum", "w_prev")  # changed in place by every update; snapshots are not
 _ATTRS = {"w": "w", "ms": "_ms", "momentum": "_momentum", "w_prev": "_w_prev"}  # ShardState's names of them
 _MAX_HEADER = 64 << 20  # a header this large is not one this module wrote

@@ -42,6 +42,25 @@ def _add_rule_options(p: argparse.ArgumentParser) -> list[argparse.Action]:
             metavar="C",
             help=f"dcasgd-s: the compensation term is clipped to C*|g| element-wise; 0: no clip (default {d.clip})",
         ),
+        p.add_argument(
+            "--fisher-lam0",
+            type=float,
+            default=d.fisher_lam0,
+            help=f"dcasgd-f: the Fisher compensation's lambda, at every staleness (default {d.fisher_lam0})",
+        ),
+        p.add_argument(
+            "--fisher-cap",
+            type=float,
+            default=d.fisher_cap,
+            help=f"dcasgd-f: lr * lambda_max(F) is capped at this; 0: no cap (default {d.fisher_cap})",
+        ),
+        p.add_argument(
+            "--fisher-rank",
+            type=int,
+            default=d.fisher_rank,
+            metavar="K",
+            help=f"dcasgd-f: F is made of the shard's last K gradients, kept in memory (default {d.fisher_rank})",
+        ),
         p.add_argument("--momentum", type=float, default=d.momentum, help="server-side momentum mu (default 0)"),
         p.add_argument("--sync-timeout", type=float, default=60.0, help="seconds a sync round waits (default 60)"),
         p.add_argument(
@@ -355,6 +374,12 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         help=f"dcasgd-s: clip the compensation term to C*|g|; 0: no clip (default {d.clip})",
     )
     p.add_argument(
+        "--fisher-lam0", type=float, default=d.fisher_lam0, help=f"dcasgd-f lambda (default {d.fisher_lam0})"
+    )
+    p.add_argument(
+        "--fisher-cap", type=float, default=d.fisher_cap, help=f"dcasgd-f cap on lr*lambda_max (default {d.fisher_cap})"
+    )
+    p.add_argument(
         "--plot",
         metavar="FILE",
         default=None,
@@ -387,6 +412,9 @@ def rule_config(a: argparse.Namespace) -> rules.RuleConfig:
         momentum=a.momentum,
         staleness_power=a.staleness_power,
         clip=a.clip,
+        fisher_lam0=a.fisher_lam0,
+        fisher_cap=a.fisher_cap,
+        fisher_rank=a.fisher_rank,
     )
 
 
@@ -595,11 +623,19 @@ def cmd_demo(a: argparse.Namespace) -> int:
     from . import demo
 
     try:
-        rules.RuleConfig(mode=a.mode, lam0=a.lam0, staleness_power=a.staleness_power, clip=a.clip)
+        rules.RuleConfig(
+            mode=a.mode,
+            lam0=a.lam0,
+            staleness_power=a.staleness_power,
+            clip=a.clip,
+            fisher_lam0=a.fisher_lam0,
+            fisher_cap=a.fisher_cap,
+        )
     except ValueError as exc:
         print(f"dcasgd demo: error: {exc}", file=sys.stderr)
         return 2
     server_args = ["--lam0", str(a.lam0), "--staleness-power", str(a.staleness_power), "--clip", str(a.clip)]
+    server_args += ["--fisher-lam0", str(a.fisher_lam0), "--fisher-cap", str(a.fisher_cap)]
     return demo.main(a.mode, a.compare, a.workers, a.shards, a.epochs, a.plot or demo.PLOT, server_args=server_args)
 
 

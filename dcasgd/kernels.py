@@ -116,7 +116,7 @@ def prepare(
     ``backup_float32``: the backups are float32 whatever the wire (the per-parameter ablation).
     Returns the thread, if one was started.
     """
-    if not enabled() or _failed is not None:
+    if not enabled() or _failed is not None or mode not in MODE_CODES:  # dcasgd-f: no fused kernel
         return None
     g = torch.float32 if mode == "sync" else wire_dtype
     backups = [wire_dtype] + ([torch.float32] if backup_float32 and wire_dtype != torch.float32 else [])
@@ -202,11 +202,12 @@ def update(
     into). ``fused``: None takes the kernel when it is compiled, False the fallback, True the
     kernel (compiling it now if need be; RuntimeError if numba is missing). ``staleness``
     (dcasgd-s): the push's staleness, which sets its lambda_0. ``ring``: dcasgd-s with
-    ``config.curvature == "fisher"``, the shard's last gradients (always the fallback).
+    ``config.curvature == "fisher"``, or dcasgd-f (whose ring keeps its Gram matrix), the shard's
+    last gradients (always the fallback: the fused kernel has no Fisher curvature).
     """
-    if mode not in MODE_CODES:
+    if mode not in MODE_CODES and mode != "dcasgd-f":
         raise ValueError(f"Invalid mode: {mode!r}")
-    if mode in DC_MODES:
+    if mode in rules.DC_MODES:
         if w_bak is None:
             raise ValueError(f"{mode} needs w_bak")
         if w_bak.data_ptr() == w.data_ptr() and w.numel() > 0:
@@ -232,9 +233,9 @@ def update(
         momentum > 0.0,
         snapshot.dtype if snapshot is not None else None,
     )
-    if mode == "dcasgd-s" and config.curvature == "fisher":
+    if mode == "dcasgd-f" or (mode == "dcasgd-s" and config.curvature == "fisher"):
         if ring is None:
-            raise ValueError("dcasgd-s with curvature='fisher' needs a gradient ring")
+            raise ValueError(f"{mode} with the Fisher curvature needs a gradient ring")
         if fused:
             raise RuntimeError("the fused kernel has no Fisher curvature: curvature='fisher' runs the torch fallback")
         fused = False
@@ -281,6 +282,20 @@ def _fallback(mode, w, g, config, lr, w_bak, ms, momentum_buf, count, scratch, g
         rules.asgd_step(w, g, lr=lr, momentum=momentum, momentum_buf=momentum_buf)
     elif mode == "dcasgd":
         rules.dcasgd_step(w, g, w_bak, lr=lr, lam=r.lam, momentum=momentum, momentum_buf=momentum_buf, scratch=scratch)
+    elif mode == "dcasgd-f":
+        rules.dcasgd_fisher_capped_step(
+            w,
+            g,
+            w_bak,
+            ring,
+            lr=lr,
+            lam0=r.fisher_lam0,
+            cap=r.fisher_cap,
+            centered=r.fisher_centered,
+            momentum=momentum,
+            momentum_buf=momentum_buf,
+            scratch=scratch,
+        )
     elif mode == "dcasgd-s" and r.curvature == "fisher":
         rules.dcasgd_fisher_step(
             w,

@@ -25,6 +25,10 @@ running mean square of gradients (DC-ASGD-a only), ``v`` the momentum buffer.
             c = F (w - w_bak), clipped as above when clip > 0;  w <- w - lr * (g + c)
             (lam = lam0 * (1 + s)**p; uncentered: F = lam/k * sum_j g_j g_j^T). Over a slice
             of the model (one shard's), so F is block-diagonal by shard.
+- dcasgd-f: the same Fisher compensation (constant lam = fisher_lam0, centred), its strength
+            capped so that lr * F can never overshoot the stale gap: with lambda_max the largest
+            eigenvalue of F (from the k x k Gram matrix of the g_j),
+            c = min(1, cap / (lr * lambda_max)) * F (w - w_bak);  w <- w - lr * (g + c)
 - sync:     w <- w - lr * (sum of gradients / count)
 
 With momentum ``mu > 0`` the (compensated) gradient ``d`` goes through
@@ -40,9 +44,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-MODES = ("sync", "async", "dcasgd", "dcasgd-a", "dcasgd-s")
+MODES = ("sync", "async", "dcasgd", "dcasgd-a", "dcasgd-s", "dcasgd-f")
 CURVATURES = ("diag", "fisher")  # dcasgd-s's estimate of the Hessian in the compensation term
-DC_MODES = frozenset({"dcasgd", "dcasgd-a", "dcasgd-s"})  # modes that compensate with a backup
+DC_MODES = frozenset({"dcasgd", "dcasgd-a", "dcasgd-s", "dcasgd-f"})  # modes that compensate with a backup
 
 
 @dataclass(frozen=True)
@@ -59,7 +63,10 @@ class RuleConfig:
     lam = lam0 * (1 + staleness)**p (no mean square), centered (``fisher_centered``: the mean
     gradient's outer product counted once, not lam times) or not. With a minibatch of B samples,
     B * E[g g^T] - (B - 1) * E[g] E[g]^T is the per-sample Fisher, so lam0 near the workers' batch
-    size is the principled strength.
+    size is the principled strength. ``fisher_rank`` and ``fisher_centered`` also serve dcasgd-f,
+    whose own defaults are ``fisher_lam0`` (its constant lam; dcasgd-f reads neither ``lam0``,
+    ``staleness_power`` nor ``clip``) and ``fisher_cap`` (lr * F's largest eigenvalue is capped
+    at this; 0: no cap).
     """
 
     mode: str = "async"
@@ -74,6 +81,8 @@ class RuleConfig:
     curvature: str = "diag"
     fisher_rank: int = 128
     fisher_centered: bool = True
+    fisher_lam0: float = 12.0
+    fisher_cap: float = 1.0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -100,6 +109,10 @@ class RuleConfig:
             raise ValueError(f"curvature={self.curvature!r} is a dcasgd-s option, not {self.mode}'s")
         if not (isinstance(self.fisher_rank, int) and self.fisher_rank >= 1):
             raise ValueError(f"Invalid fisher_rank: {self.fisher_rank}")
+        if not (self.fisher_lam0 >= 0.0 and math.isfinite(self.fisher_lam0)):
+            raise ValueError(f"Invalid fisher_lam0: {self.fisher_lam0}")
+        if not (self.fisher_cap >= 0.0 and math.isfinite(self.fisher_cap)):
+            raise ValueError(f"Invalid fisher_cap: {self.fisher_cap}")
 
 
 def _check_momentum(momentum: float, momentum_buf: Tensor | None) -> None:
@@ -340,23 +353,32 @@ class GradientRing:
     """The last ``rank`` gradients a shard applied (its slice), for the Fisher curvature.
 
     ``rows`` is ``(rank, n)`` float32, filled in turn; ``count`` is how many were ever added, so
-    rows ``[0, min(count, rank))`` hold gradients. Starts empty (zeros, count 0).
+    rows ``[0, min(count, rank))`` hold gradients. Starts empty (zeros, count 0). With
+    ``gram=True`` (dcasgd-f) it also keeps ``gram``, the rows' ``(rank, rank)`` float64 Gram
+    matrix of dot products, one row and column updated per :meth:`add` (one more pass over the
+    ring); otherwise ``gram`` is None.
     """
 
-    __slots__ = ("rows", "count")
+    __slots__ = ("rows", "count", "gram")
 
-    def __init__(self, rank: int, n: int, rows: Tensor | None = None, count: int = 0) -> None:
+    def __init__(self, rank: int, n: int, rows: Tensor | None = None, count: int = 0, *, gram: bool = False) -> None:
         if rank < 1:
             raise ValueError(f"Invalid fisher_rank: {rank}")
         self.rows = torch.zeros(rank, n) if rows is None else rows
         if self.rows.shape != (rank, n):
             raise ValueError(f"ring rows are {tuple(self.rows.shape)}, expected {(rank, n)}")
         self.count = count
+        self.gram = torch.mm(self.rows, self.rows.t()).double() if gram else None
 
     def add(self, g: Tensor) -> Tensor:
         """Store ``g`` (over the oldest row once full); returns the filled rows (a view)."""
-        self.rows[self.count % self.rows.shape[0]].copy_(g)
+        i = self.count % self.rows.shape[0]
+        self.rows[i].copy_(g)
         self.count += 1
+        if self.gram is not None:
+            dots = torch.mv(self.rows, self.rows[i]).double()
+            self.gram[i].copy_(dots)
+            self.gram[:, i].copy_(dots)
         return self.rows[: min(self.count, self.rows.shape[0])]
 
 
@@ -423,6 +445,112 @@ def _reference_dcasgd_fisher(w, g, w_bak, rows, lr, lam, centered, clip, momentu
     if clip > 0.0:
         bound = clip * torch.abs(g)
         c = torch.maximum(torch.minimum(c, bound), -bound)
+    d = g + c
+    if momentum > 0.0:
+        momentum_buf.copy_(momentum * momentum_buf + d)
+        d = momentum_buf
+    w.copy_(w - lr * d)
+
+
+# --- DC-ASGD-f: the Fisher compensation with a spectral cap ---------------------------
+
+
+def fisher_top_eigenvalue(gram: Tensor, lam: float, centered: bool = True) -> float:
+    """The largest eigenvalue of ``F = lam/k sum_j g_j g_j^T - (lam - 1) m m^T`` (uncentered:
+    without the second term) from the k x k Gram matrix ``gram[i, j] = g_i . g_j``.
+
+    ``F = G^T A G`` with ``A = lam/k (I - J) + 1/k J`` (``J = 11^T / k``; uncentered ``lam/k I``),
+    so its nonzero eigenvalues are those of ``A^1/2 gram A^1/2`` (k x k; A's square root in closed
+    form). For ``lam >= 1`` A is positive semi-definite. 0.0 for an empty ring.
+    """
+    k = gram.shape[0]
+    if k == 0:
+        return 0.0
+    gram = gram.double()
+    if centered:
+        j = torch.full((k, k), 1.0 / k, dtype=torch.float64)
+        half = math.sqrt(max(lam, 0.0) / k) * (torch.eye(k, dtype=torch.float64) - j) + math.sqrt(1.0 / k) * j
+        b = half @ gram @ half
+    else:
+        b = gram * (lam / k)
+    return float(torch.linalg.eigvalsh(b)[-1])
+
+
+def fisher_cap_scale(lr: float, top: float, cap: float) -> float:
+    """dcasgd-f's factor on F: ``min(1, cap / (lr * top))`` (1 when ``cap`` is 0, no cap)."""
+    if cap <= 0.0 or lr * top <= cap:
+        return 1.0
+    return cap / (lr * top)
+
+
+def dcasgd_fisher_capped_step(
+    w: Tensor,
+    g: Tensor,
+    w_bak: Tensor,
+    ring: GradientRing,
+    *,
+    lr: float,
+    lam0: float = 12.0,
+    cap: float = 1.0,
+    centered: bool = True,
+    momentum: float = 0.0,
+    momentum_buf: Tensor | None = None,
+    scratch: list[Tensor] | None = None,
+    reference: bool = False,
+) -> None:
+    """DC-ASGD-f in place: adds ``g`` to ``ring`` (which must keep its Gram matrix,
+    ``GradientRing(..., gram=True)``), then compensates with the ring's empirical Fisher F (lam =
+    ``lam0`` at every staleness) scaled by ``min(1, cap / (lr * lambda_max(F)))``, so that
+    ``lr * F``'s largest eigenvalue is at most ``cap``: with ``cap = 1`` the compensation
+    ``lr * c`` cannot exceed the stale gap ``w - w_bak`` along any of F's eigenvectors.
+
+    Costs three passes over the ring (the Gram row of ``g``, k dot products with ``w - w_bak``,
+    one combination of k rows) and one k x k symmetric eigenvalue problem. ``scratch``: one
+    tensor shaped like ``w``.
+    """
+    if w_bak.data_ptr() == w.data_ptr() and w.numel() > 0:
+        raise ValueError("w_bak aliases w: the compensation term would always be zero")
+    if ring.gram is None:
+        raise ValueError("dcasgd-f needs a ring that keeps its Gram matrix (GradientRing(..., gram=True))")
+    _check_momentum(momentum, momentum_buf)
+    rows = ring.add(g)
+    if reference:
+        _reference_dcasgd_fisher_capped(w, g, w_bak, rows, lr, lam0, cap, centered, momentum, momentum_buf)
+        return
+    (s,) = _scratch(w, scratch, 1)[:1]
+    k = rows.shape[0]
+    filled = ring.gram[:k, :k]
+    scale = 1.0
+    if cap > 0.0:
+        # tr F >= lambda_max: skip the eigenvalue problem when the trace is already under the cap
+        trace = lam0 / k * float(filled.diagonal().sum())
+        if centered:
+            trace -= (lam0 - 1.0) / k**2 * float(filled.sum())
+        if lr * trace > cap:
+            scale = fisher_cap_scale(lr, fisher_top_eigenvalue(filled, lam0, centered), cap)
+    lam = lam0 * scale
+    torch.sub(w, w_bak, out=s)  # d = w - w_bak
+    a = torch.mv(rows, s)  # g_j . d
+    mean = a.mean() if centered else None
+    a.mul_(lam / k)
+    if centered:
+        a.sub_(mean * ((lam0 - 1.0) * scale / k))
+    torch.mv(rows.t(), a, out=s)  # c = scale * F d
+    s.add_(g)
+    _apply_direction(w, s, lr, momentum, momentum_buf)
+
+
+def _reference_dcasgd_fisher_capped(w, g, w_bak, rows, lr, lam, cap, centered, momentum, momentum_buf):
+    k = rows.shape[0]
+    r = rows.double()
+    fisher = lam / k * sum(torch.outer(gj, gj) for gj in r)
+    if centered:
+        m = r.mean(0)
+        fisher = fisher - (lam - 1.0) * torch.outer(m, m)
+    top = float(torch.linalg.eigvalsh(fisher)[-1])
+    if cap > 0.0 and lr * top > cap:
+        fisher = fisher * (cap / (lr * top))
+    c = (fisher @ (w - w_bak).double()).float()
     d = g + c
     if momentum > 0.0:
         momentum_buf.copy_(momentum * momentum_buf + d)

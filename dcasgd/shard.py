@@ -219,7 +219,7 @@ class ShardState:
 
     @property
     def _fisher(self) -> bool:
-        return self.mode == "dcasgd-s" and self.config.rules.curvature == "fisher"
+        return self.mode == "dcasgd-f" or (self.mode == "dcasgd-s" and self.config.rules.curvature == "fisher")
 
     # --- checks done before any payload is read -----------------------------------
 
@@ -394,7 +394,7 @@ class ShardState:
             if self.mode in MS_MODES:
                 self._ms = torch.zeros(size)
             if self._fisher:
-                self._ring = rules.GradientRing(self.config.rules.fisher_rank, size)
+                self._ring = rules.GradientRing(self.config.rules.fisher_rank, size, gram=self.mode == "dcasgd-f")
             if self.config.rules.momentum > 0:
                 self._momentum = torch.zeros(size)
             if self.mode == "sync":
@@ -797,7 +797,7 @@ class ShardState:
         if self.mode in MS_MODES:
             self._ms = state["ms"] if state["ms"] is not None else torch.zeros(size)
         if self._fisher:  # not checkpointed: a short-lived estimate, refilled by the next fisher_rank pushes
-            self._ring = rules.GradientRing(config.rules.fisher_rank, size)
+            self._ring = rules.GradientRing(config.rules.fisher_rank, size, gram=self.mode == "dcasgd-f")
         if config.rules.momentum > 0:
             self._momentum = state["momentum"] if state["momentum"] is not None else torch.zeros(size)
         if self.mode == "sync":

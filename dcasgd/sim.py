@@ -92,7 +92,7 @@ class SimConfig:
     module doc). ``model``: ``"mlp"`` or ``"cnn"`` (:class:`CnnModel`; ``hidden`` is then
     unused). ``hidden``: MLP hidden units (0: softmax regression). ``lam``, ``lam0``,
     ``ms_decay``, ``momentum``, ``staleness_power``, ``clip``, ``curvature``, ``fisher_rank``,
-    ``fisher_centered``: as :class:`dcasgd.rules.RuleConfig`. ``compensation``:
+    ``fisher_centered``, ``fisher_lam0``, ``fisher_cap``: as :class:`dcasgd.rules.RuleConfig`. ``compensation``:
     ``"per-worker"`` (the paper) or ``"per-parameter"`` (the ablation; DC modes only).
     ``eval_every``: virtual time between test-accuracy records in ``history`` (0: only the
     start and the end). ``weight_decay`` is added to the gradient on the worker, as
@@ -121,6 +121,8 @@ class SimConfig:
     curvature: str = "diag"
     fisher_rank: int = 128
     fisher_centered: bool = True
+    fisher_lam0: float = 12.0
+    fisher_cap: float = 1.0
     shards: int = 1
     eval_every: float = 0.0
     weight_decay: float = 0.0
@@ -178,6 +180,8 @@ class SimConfig:
             curvature=self.curvature,
             fisher_rank=self.fisher_rank,
             fisher_centered=self.fisher_centered,
+            fisher_lam0=self.fisher_lam0,
+            fisher_cap=self.fisher_cap,
         )
 
     def total_gradients(self, train_size: int) -> int:

@@ -272,14 +272,14 @@ def test_checkpoint_stall_quick_prints_both_rows_and_writes_json(tmp_path):
 
 @pytest.mark.timeout(300)
 def test_staleness_quick_winner_beats_asgd_at_32_workers(tmp_path):
-    """Issue 13's CI check: the quick study's winner (DC-ASGD-s fisher) ends above ASGD at M=32."""
+    """Issue 13's CI check: the quick study's winner (DC-ASGD-f) ends above ASGD at M=32."""
     out = tmp_path / "staleness"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "staleness.py"), "--quick", "--methods", "ASGD"]
-    cmd += ["DC-ASGD-s fisher"]
+    cmd += ["DC-ASGD-f"]
     cmd += ["--workers", "32", "--jobs", "2", "--out", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=280, cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     doc = json.loads((out / "staleness.json").read_text())
     assert doc["goal"]["beats_asgd"] == {"32": True}
     mean = {(r["method"], r["workers"]): r["mean"] for r in doc["summary"]}
-    assert mean[("DC-ASGD-s fisher", 32)] > mean[("ASGD", 32)] + 0.2
+    assert mean[("DC-ASGD-f", 32)] > mean[("ASGD", 32)] + 0.2
