@@ -247,3 +247,26 @@ def test_command_line_flags_make_the_rule_and_launch_passes_them_on():
     server_args = cli.launch_server_args(parser.parse_args(["launch", "--mode", "dcasgd-f", *given, "--", "true"]))
     server = parser.parse_args(["server", "--num-workers", "1", "--mode", "dcasgd-f", *server_args])
     assert (server.fisher_lam0, server.fisher_cap, server.fisher_rank) == (8.0, 0.5, 64)
+
+
+def test_overlapped_pushes_are_compensated_against_the_version_they_name():
+    """With overlap (keep=2) a worker computes on the reply before last: each push names that version
+    (``base``) and dcasgd-f compensates against exactly those weights, as the other DC modes do."""
+    n, rank = 40, 3
+    cfg = RuleConfig(mode="dcasgd-f", lr=LR, fisher_rank=rank, fisher_lam0=5.0)
+    gen = torch.Generator().manual_seed(11)
+    w0 = torch.randn(n, generator=gen)
+    grads = [0.5 * torch.randn(n, generator=gen) for _ in range(4)]
+    model = F64(w0, rank=rank, lam0=5.0)
+    st = ShardState(ShardConfig(num_workers=1, rules=cfg))
+    st.init(_req("init", 0, 1, n), w0)
+    st.pull(0, 2, keep=2)
+    held = {0: w0.double().clone()}  # version -> the weights the shard sent then
+    for i, g in enumerate(grads):
+        base = max(0, i - 1)  # step i's gradient was computed on the reply of push i - 1 (version i - 1)
+        req = _req("push_pull", 0, 10 + i, n, seq=i + 1, base=base, keep=2)
+        (reply,) = st.push(req, g, 0.0)
+        model.step(g, held[base])
+        held[reply.fields["version"]] = model.w.clone()
+        assert reply.fields["staleness"] == i - base
+    torch.testing.assert_close(st.w.double(), model.w, rtol=RTOL, atol=ATOL)
