@@ -354,6 +354,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="run every mode back to back, print a table and plot test accuracy against wall time",
     )
+    p.add_argument(
+        "--modes", nargs="+", choices=rules.MODES, metavar="MODE", help="with --compare: only these modes (default all)"
+    )
     p.add_argument("--workers", type=int, default=4, help="worker processes (default 4)")
     p.add_argument("--shards", type=int, default=2, help="shard processes (default 2)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per worker (default: the example's)")
@@ -634,9 +637,13 @@ def cmd_demo(a: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"dcasgd demo: error: {exc}", file=sys.stderr)
         return 2
+    if a.modes and not a.compare:
+        print("dcasgd demo: error: --modes chooses the modes of --compare; one run takes --mode", file=sys.stderr)
+        return 2
     server_args = ["--lam0", str(a.lam0), "--staleness-power", str(a.staleness_power), "--clip", str(a.clip)]
     server_args += ["--fisher-lam0", str(a.fisher_lam0), "--fisher-cap", str(a.fisher_cap)]
-    return demo.main(a.mode, a.compare, a.workers, a.shards, a.epochs, a.plot or demo.PLOT, server_args=server_args)
+    return demo.main(a.mode, a.compare, a.workers, a.shards, a.epochs, a.plot or demo.PLOT, server_args=server_args,
+                     compare_modes=a.modes)  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -137,13 +137,14 @@ def plot(results: list[RunResult], path: str | Path) -> Path:
 
 
 def main(mode: str, compare: bool, workers: int, shards: int, epochs: int | None, plot_path: str = PLOT,
-         server_args: list[str] | None = None) -> int:  # fmt: skip
+         server_args: list[str] | None = None, compare_modes: list[str] | None = None) -> int:  # fmt: skip
     """The ``dcasgd demo`` command; returns the first failing run's exit code, else 0.
 
     ``server_args``: ``dcasgd server`` options for every shard of every run (the rule's hyperparameters).
+    ``compare_modes``: with ``compare``, the modes to run, in this order (None: every mode).
     """
     epochs = EPOCHS if epochs is None else epochs
-    modes = list(MODES) if compare else [mode]
+    modes = list(compare_modes or MODES) if compare else [mode]
     results = []
     for m in modes:
         r = run(m, workers=workers, shards=shards, epochs=epochs, server_args=server_args)

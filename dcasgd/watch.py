@@ -19,6 +19,7 @@ frames follow each other, separated by a blank line. Ctrl-C ends it (exit 0).
 
 from __future__ import annotations
 
+import signal
 import sys
 import threading
 import time
@@ -43,8 +44,12 @@ class Sample:
     error: str | None = None
 
 
-def fetch_all(endpoints: list[str], timeout: float, **keys: Any) -> list[Sample]:
-    """Every shard's stats, asked in parallel; a shard that does not answer gets a Sample with its error."""
+def fetch_all(
+    endpoints: list[str], timeout: float, stop: threading.Event | None = None, **keys: Any
+) -> list[Sample] | None:
+    """Every shard's stats, asked in parallel; a shard that does not answer gets a Sample with its error.
+
+    Returns None as soon as ``stop`` is set (Ctrl-C), without waiting for the shards."""
     samples: list[Sample | None] = [None] * len(endpoints)
 
     def ask(i: int, ep: str) -> None:
@@ -58,7 +63,10 @@ def fetch_all(endpoints: list[str], timeout: float, **keys: Any) -> list[Sample]
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
+        while t.is_alive():
+            t.join(0.05)
+            if stop is not None and stop.is_set():
+                return None
     return samples  # type: ignore[return-value]
 
 
@@ -213,22 +221,34 @@ def watch(endpoints: list[str], *, interval: float = 1.0, count: int | None = No
     did not answer for the last frame."""
     out = out or sys.stdout
     tty = out.isatty()
-    previous: list[Sample] | None = None
+    previous: list[Sample] = []
     drawn = 0
+    # Ctrl-C sets a flag that the loop reads, instead of a KeyboardInterrupt raised at any point (in a
+    # thread's start or join, where an interrupt can leave the interpreter's shutdown waiting).
+    stop = threading.Event()
+    installed, previous_handler = False, None
+    if threading.current_thread() is threading.main_thread():
+        previous_handler = signal.signal(signal.SIGINT, lambda *_: stop.set())
+        installed = True
     try:
-        while True:
+        while not stop.is_set():
             started = time.monotonic()
-            samples = fetch_all(endpoints, timeout, **keys)
+            samples = fetch_all(endpoints, timeout, stop, **keys)
+            if samples is None:
+                break
             text = frame(samples, previous)
             out.write(CLEAR + text + "\n" if tty else ("\n" if drawn else "") + text + "\n")
             out.flush()
             drawn += 1
             previous = samples
             if count is not None and drawn >= count:
-                break
-            time.sleep(max(0.0, interval - (time.monotonic() - started)))
+                return 1 if any(s.stats is None for s in previous) else 0
+            stop.wait(max(0.0, interval - (time.monotonic() - started)))
     except KeyboardInterrupt:
-        if tty:
-            out.write("\n")
-        return 0
-    return 1 if any(s.stats is None for s in previous or []) else 0
+        pass
+    finally:
+        if installed:
+            signal.signal(signal.SIGINT, signal.SIG_DFL if previous_handler is None else previous_handler)
+    if tty:
+        out.write("\n")
+    return 0

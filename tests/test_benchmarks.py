@@ -200,7 +200,7 @@ def test_transport_quick_writes_every_row(tmp_path):
 @pytest.mark.timeout(300)
 def test_step_overhead_quick_writes_every_row(tmp_path):
     out = tmp_path / "step"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "step_overhead.py"), "--quick", "--out", str(out)]
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "step_overhead.py"), "--quick", "--steps", "4", "--out", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=290, cwd=ROOT)
     assert done.returncode == 0, done.stdout + done.stderr
 
