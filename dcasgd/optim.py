@@ -387,7 +387,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
         One pass per parameter: ``grad + wd * w`` is computed and rounded to the wire type once
         (float32, or bfloat16/float16: then no float32 copy is staged and narrowed later). ``w`` is
         the float32 weights the shards sent (on a GPU: the parameter, which holds them cast to its
-        dtype). Sparse and other non-strided gradients are densified first.
+        dtype). A sparse gradient without weight decay is added into the zeroed buffer (its rows only
+        cross to the host); other non-strided gradients are densified first.
 
         On a GPU the copies are queued on the side stream (``_d2h`` says when they are done),
         and the current stream waits for them before it runs anything queued later, so the
@@ -406,8 +407,13 @@ class DistributedOptimizer(torch.optim.Optimizer):
                     continue
                 if self._stream is not None and g.is_cuda:
                     g.record_stream(self._stream)  # its memory is not reused before the copy ran
+                if g.layout == torch.sparse_coo and not decay[i]:
+                    # Densified into the buffer itself: only the gradient's rows travel to the host.
+                    dst.zero_()
+                    dst.add_(g.to(dst.device))
+                    continue
                 if g.layout != torch.strided:
-                    g = g.to_dense()  # sparse: the gradient's rows only travel; densified where it lives
+                    g = g.to_dense()
                 if g.is_cuda:
                     if decay[i]:
                         g = torch.add(g, p.detach(), alpha=decay[i])
