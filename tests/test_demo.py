@@ -47,7 +47,7 @@ def test_default_demo_reaches_95_percent():
 @pytest.mark.timeout(240)
 def test_compare_runs_every_mode_and_plots_them(tmp_path):
     png = tmp_path / "compare.png"
-    runs, stdout = demo("--compare", "--workers", "2", "--shards", "1", "--epochs", "3", "--plot", str(png),
+    runs, stdout = demo("--compare", "--workers", "1", "--shards", "1", "--epochs", "3", "--plot", str(png),
                         timeout=230)  # fmt: skip
     assert [r.group(1) for r in runs] == list(MODES)
     assert all(float(r.group(5)) > 0.5 for r in runs)
