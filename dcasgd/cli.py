@@ -16,18 +16,13 @@ from .server import DEFAULT_BIND, DEFAULT_IO_THREADS, run_server
 from .shard import EXACT_STALENESS, ShardConfig
 
 
-def _add_rule_options(p: argparse.ArgumentParser) -> list[argparse.Action]:
-    """The update rule's options: ``server`` uses them, ``launch`` passes them on to its shards."""
+def _add_strength_options(p: argparse.ArgumentParser) -> list[argparse.Action]:
+    """The compensation's strength (dcasgd-a/-s lambda_0, dcasgd-s, dcasgd-f): server, launch and demo."""
     d = rules.RuleConfig()
     return [
-        p.add_argument("--mode", choices=rules.MODES, default="dcasgd-a", help="update rule (default dcasgd-a)"),
-        p.add_argument("--lr", type=float, default=d.lr, help=f"lr when a push carries none (default {d.lr})"),
-        p.add_argument("--lam", type=float, default=d.lam, help=f"DC-ASGD-c lambda (default {d.lam})"),
         p.add_argument(
             "--lam0", type=float, default=d.lam0, help=f"DC-ASGD-a and dcasgd-s lambda_0 (default {d.lam0})"
         ),
-        p.add_argument("--ms-decay", type=float, default=d.ms_decay, help=f"DC-ASGD-a m (default {d.ms_decay})"),
-        p.add_argument("--eps", type=float, default=d.eps, help=f"DC-ASGD-a epsilon (default {d.eps})"),
         p.add_argument(
             "--staleness-power",
             type=float,
@@ -54,6 +49,19 @@ def _add_rule_options(p: argparse.ArgumentParser) -> list[argparse.Action]:
             default=d.fisher_cap,
             help=f"dcasgd-f: lr * lambda_max(F) is capped at this; 0: no cap (default {d.fisher_cap})",
         ),
+    ]
+
+
+def _add_rule_options(p: argparse.ArgumentParser) -> list[argparse.Action]:
+    """The update rule's options: ``server`` uses them, ``launch`` passes them on to its shards."""
+    d = rules.RuleConfig()
+    return [
+        p.add_argument("--mode", choices=rules.MODES, default="dcasgd-a", help="update rule (default dcasgd-a)"),
+        p.add_argument("--lr", type=float, default=d.lr, help=f"lr when a push carries none (default {d.lr})"),
+        p.add_argument("--lam", type=float, default=d.lam, help=f"DC-ASGD-c lambda (default {d.lam})"),
+        *_add_strength_options(p),
+        p.add_argument("--ms-decay", type=float, default=d.ms_decay, help=f"DC-ASGD-a m (default {d.ms_decay})"),
+        p.add_argument("--eps", type=float, default=d.eps, help=f"DC-ASGD-a epsilon (default {d.eps})"),
         p.add_argument(
             "--fisher-rank",
             type=int,
@@ -360,28 +368,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=4, help="worker processes (default 4)")
     p.add_argument("--shards", type=int, default=2, help="shard processes (default 2)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per worker (default: the example's)")
-    d = rules.RuleConfig()
-    p.add_argument("--lam0", type=float, default=d.lam0, help=f"dcasgd-a and dcasgd-s lambda_0 (default {d.lam0})")
-    p.add_argument(
-        "--staleness-power",
-        type=float,
-        default=d.staleness_power,
-        metavar="P",
-        help=f"dcasgd-s: lambda_0 grows as (1 + staleness)**P (default {d.staleness_power})",
-    )
-    p.add_argument(
-        "--clip",
-        type=float,
-        default=d.clip,
-        metavar="C",
-        help=f"dcasgd-s: clip the compensation term to C*|g|; 0: no clip (default {d.clip})",
-    )
-    p.add_argument(
-        "--fisher-lam0", type=float, default=d.fisher_lam0, help=f"dcasgd-f lambda (default {d.fisher_lam0})"
-    )
-    p.add_argument(
-        "--fisher-cap", type=float, default=d.fisher_cap, help=f"dcasgd-f cap on lr*lambda_max (default {d.fisher_cap})"
-    )
+    _add_strength_options(p)
     p.add_argument(
         "--plot",
         metavar="FILE",
