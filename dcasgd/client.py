@@ -128,7 +128,6 @@ class Client:
         self.wire_dtype = wire_dtype or "float32"  # the job's, once hello has told it
         self._wire = getattr(torch, self.wire_dtype)
         self._send_buf: Tensor | None = None  # the gradient in the wire type, when it is not float32
-        self._recv_buf: Tensor | None = None  # weights in the wire type, before widening
         self.versions: list[int] = []  # per shard, the version of the weights received last
         self.received_from: list[str | None] = []  # per shard, the instance that sent those weights
         self.servers = list(parse_servers(servers))
@@ -428,15 +427,8 @@ class Client:
         out: Tensor,
         per_shard: list[dict[str, Any]] | None = None,
     ) -> list[dict[str, Any]]:
-        """``op`` with weights in the reply: they land in ``out`` (through the wire type's buffer)."""
-        into = out
-        if self._wire != torch.float32:
-            if self._recv_buf is None:
-                self._recv_buf = torch.empty(self.n, dtype=self._wire)
-            into = self._recv_buf
-        replies = self._recovering(op, header, payload=payload, out=into, per_shard=per_shard)
-        if into is not out:
-            out.copy_(into)  # widen: exactly the rounded weights the shard keeps as this worker's backup
+        """``op`` with weights in the reply: they land in ``out``, widened frame by frame over a narrow wire."""
+        replies = self._recovering(op, header, payload=payload, out=out, per_shard=per_shard)
         self.versions = [r["version"] for r in replies]
         self.received_from = list(self._instances)
         return replies
@@ -643,16 +635,55 @@ class Client:
                 sock.recv_into(self._trash)
         elif more:
             lo, hi = ranges[s]
-            view = out[lo:hi].view(torch.uint8).numpy()
-            got = 0  # the weights come in frames of at most REPLY_FRAME_BYTES, in order
-            while more:  # recv_into returns a frame's whole size, also when it truncates it
-                got += sock.recv_into(view[got:] if got < view.nbytes else self._trash)
-                more = sock.getsockopt(zmq.RCVMORE)
-            if got != view.nbytes:
-                raise DcasgdError(f"shard {s} sent {got} bytes of weights, expected {view.nbytes}")
+            part = out[lo:hi]
+            if part.dtype == self._wire:
+                got, want = self._receive_into(sock, part), part.nbytes
+            else:
+                got, want = receive_widened(sock, part, self._wire, s), (hi - lo) * self._wire.itemsize
+            if got != want:
+                raise DcasgdError(f"shard {s} sent {got} bytes of weights, expected {want}")
         elif h.get("ok") and out is not None:
             raise DcasgdError(f"shard {s} answered {h.get('op')} without weights")
         return h
+
+    def _receive_into(self, sock: zmq.Socket, part: Tensor) -> int:
+        """The weight frames of a reply copied into ``part`` (the wire type); returns the bytes sent."""
+        view = part.view(torch.uint8).numpy()
+        got, more = 0, True  # the weights come in frames of at most REPLY_FRAME_BYTES, in order
+        while more:  # recv_into returns a frame's whole size, also when it truncates it
+            got += sock.recv_into(view[got:] if got < view.nbytes else self._trash)
+            more = sock.getsockopt(zmq.RCVMORE)
+        return got
+
+
+def receive_widened(sock: zmq.Socket, part: Tensor, wire: torch.dtype, shard: int) -> int:
+    """The weight frames of one reply, in ``wire`` type, widened straight into ``part`` (float32).
+
+    Reads the frames left of the message on ``sock`` (all of them, so that the next message
+    starts at its header). One pass per element, read from ZeroMQ's own frame (no staging copy
+    in the wire type), while its I/O thread already receives the next frame. Widening is exact:
+    ``part`` holds bit for bit the rounded weights the shard keeps as this worker's backup.
+    Returns the bytes sent (more than ``part`` holds: the surplus is not written); raises
+    :class:`DcasgdError` naming ``shard`` when a frame splits a value.
+    """
+    size = wire.itemsize
+    got, at, more = 0, 0, True  # ``at``: elements written
+    split: int | None = None  # the size of the first frame that splits a value
+    while more:
+        frame = sock.recv(copy=False)
+        more = frame.more
+        nbytes = len(frame)
+        if nbytes % size and split is None:
+            split = nbytes
+        got += nbytes
+        if nbytes and split is None and got <= part.numel() * size:
+            count = nbytes // size
+            part[at : at + count].copy_(torch.frombuffer(frame.buffer, dtype=wire))
+            at += count
+    if split is not None:
+        name = str(wire).removeprefix("torch.")
+        raise DcasgdError(f"shard {shard} sent a weights frame of {split} bytes: not whole {name} values")
+    return got
 
 
 def fetch_stats(

@@ -276,3 +276,53 @@ def test_the_optimizer_rounds_grad_plus_weight_decay_to_bfloat16_once(cluster_fa
         torch.testing.assert_close(w1.double(), w_init.double() - lr * once, rtol=1e-6, atol=1e-7)
         assert opt._grads.dtype == torch.bfloat16  # no float32 gradient buffer is staged
         opt.close()
+
+
+@pytest.mark.timeout(90)
+def test_a_bfloat16_reply_of_several_frames_is_widened_exactly(cluster_factory):
+    # The client widens each frame as it comes (no staging buffer): frame edges must not shift a value.
+    from dcasgd import protocol
+
+    n = (5 * protocol.REPLY_FRAME_BYTES) // 4 + 3  # 2.5 frames' worth of bfloat16, and a ragged end
+    w0 = start_weights(n)
+    with cluster_factory(1, 1, "async", "--wire-dtype", "bfloat16") as cl:
+        with Client(cl.endpoints, 0, timeout=20.0) as c:
+            c.init(w0)
+            assert torch.equal(c.pull(), w0.to(torch.bfloat16).float())
+            g = torch.randn(n, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+            w1 = c.push_pull(g, lr=0.5)
+            want = (w0 - 0.5 * g.float()).to(torch.bfloat16).float()  # the shard keeps float32 weights
+            assert torch.equal(w1, want)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("wire", [torch.bfloat16, torch.float16])
+def test_receive_widened_reads_every_frame_and_refuses_one_that_splits_a_value(wire):
+    import zmq
+
+    from dcasgd.client import receive_widened
+
+    values = torch.randn(11, generator=torch.Generator().manual_seed(3)).to(wire)
+    raw = values.view(torch.uint8).numpy().tobytes()
+    ctx = zmq.Context()
+    a, b = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    a.bind("inproc://w")
+    b.connect("inproc://w")
+    try:
+        a.send_multipart([raw[:6], raw[6:6], raw[6:20], raw[20:]])  # 3 values, none, 7, 1
+        out = torch.full((11,), -1.0)
+        assert receive_widened(b, out, wire, 0) == 22
+        assert torch.equal(out, values.float())
+        a.send_multipart([raw[:4], raw[4:6]])  # more than the part holds: counted, not written
+        out = torch.full((2,), -1.0)
+        assert receive_widened(b, out, wire, 0) == 6
+        assert torch.equal(out, values[:2].float())
+        a.send_multipart([raw[:3], raw[3:10]])
+        with pytest.raises(DcasgdError, match="shard 2 sent a weights frame of 3 bytes: not whole"):
+            receive_widened(b, torch.zeros(5), wire, 2)
+        a.send(b"next")
+        assert b.recv() == b"next"  # the bad message was read whole
+    finally:
+        a.close(0)
+        b.close(0)
+        ctx.term()
