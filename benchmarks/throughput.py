@@ -17,7 +17,14 @@ rotating) so that the noise of a shared machine falls on every row alike. Rows:
   ``--threads 1`` each: ``--shard-threads``), the client with ``tune_malloc=True``;
   ``(default client)``: ``dcasgd-a`` on one shard with a client left at glibc's defaults,
   as a training script gets it; ``ipc``: the same over ``ipc://``, as ``dcasgd launch`` connects
-  workers to shards on their own host.
+  workers to shards on their own host;
+- ``shm study sgd`` (only with ``--shm-study``; not a dcasgd transport): what a same-host
+  shared-memory path would reach, the next step for ``push_pull`` on one host. The client
+  owns a sealed memfd (gradient region, weights region) that the server maps through
+  ``/proc/<pid>/fd``; per round trip the client copies the gradient in, a header-only
+  ZeroMQ message over ipc says "go", the server does the rpc row's plain SGD, copies the
+  weights into the region and answers, and the client copies them out: three memcpys and
+  the SGD, no socket carries a payload.
 
 Beside them, in the same rotation: a memcpy (torch ``copy_``, at the servers' thread
 count) that moves as many bytes as each mode's update must (``benchmarks/kernels.py``
@@ -141,6 +148,39 @@ def start_shards(
     return procs, endpoints
 
 
+def _shm_study_server(q: mp.Queue, endpoint: str, numel: int) -> None:
+    """The ``shm study sgd`` row's server: plain SGD on weights held here, payloads in the client's memfd."""
+    import fcntl
+    import mmap
+
+    torch.set_num_threads(1)
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.bind(endpoint)
+    q.put(endpoint)
+    w = torch.randn(numel)
+    g = out = None
+    while True:
+        ident, msg = sock.recv_multipart()
+        if msg == b"stop":
+            sock.send_multipart([ident, b"stopped"])
+            break
+        if g is None:  # the first message names the region: map it once
+            fd = os.open(msg.decode(), os.O_RDWR)
+            try:
+                # Sealed against shrinking: a client cannot truncate it under the mapping (SIGBUS here).
+                assert fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK
+                region = torch.frombuffer(mmap.mmap(fd, 2 * numel * 4), dtype=torch.float32)
+            finally:
+                os.close(fd)
+            g, out = region[:numel], region[numel:]
+        w.add_(g, alpha=-0.01)
+        out.copy_(w)
+        sock.send_multipart([ident, b"done"])
+    sock.close(0)
+    ctx.term()
+
+
 # --- clients: one process per row, driven over a pipe -------------------------------------
 
 
@@ -165,6 +205,32 @@ def _client(conn: Connection, kind: str, numel: int, arg: Any, tuned: bool) -> N
             sock.send(b"stop")
             sock.close(linger=1000)
             ctx.term()
+
+    elif kind == "shm":
+        import fcntl
+        import mmap
+
+        fd = os.memfd_create("dcasgd-shm-study", os.MFD_ALLOW_SEALING)
+        os.ftruncate(fd, 2 * numel * 4)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+        region = torch.frombuffer(mmap.mmap(fd, 2 * numel * 4), dtype=torch.float32)
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.connect(arg)
+        name, back = f"/proc/{os.getpid()}/fd/{fd}".encode(), torch.empty(numel)
+
+        def round_trip() -> None:
+            region[:numel].copy_(g)
+            sock.send(name)
+            assert sock.recv() == b"done"
+            back.copy_(region[numel:])
+
+        def close() -> None:
+            sock.send(b"stop")
+            sock.recv()
+            sock.close(linger=1000)
+            ctx.term()
+            os.close(fd)
 
     elif kind == "rpc":
         import torch.distributed.rpc as rpc
@@ -207,7 +273,7 @@ class Row:
     """One line of the table: a client process (or a memcpy in this process) and its timings."""
 
     what: str
-    kind: str  # echo, rpc, push_pull, memcpy
+    kind: str  # echo, rpc, shm, push_pull, memcpy
     mode: str | None = None
     shards: int = 1
     seconds: list[float] = field(default_factory=list)
@@ -246,6 +312,8 @@ def plan(numel: int, a: argparse.Namespace) -> list[Row]:
     rows = [Row("bare zmq echo", "echo"), Row("bare zmq echo (tuned)", "echo")]
     if a.rpc:
         rows += [Row("torch rpc sgd", "rpc"), Row("torch rpc sgd tcp", "rpc")]
+    if a.shm_study:
+        rows.append(Row("shm study sgd", "shm"))
     for shards in a.shards:
         rows += [Row(f"push_pull {mode} x{shards}", "push_pull", mode, shards) for mode in a.modes]
     if "dcasgd-a" in a.modes and 1 in a.shards:
@@ -272,6 +340,12 @@ def measure(numel: int, a: argparse.Namespace) -> list[Row]:
                 servers.append(_SPAWN.Process(target=_echo_server, args=(q, tuned), daemon=True))
                 servers[-1].start()
                 r.start(numel, q.get(timeout=120), tuned)
+            elif r.kind == "shm":
+                q = _SPAWN.Queue()
+                ep = f"ipc://{ipc_dir}/shm-study"
+                servers.append(_SPAWN.Process(target=_shm_study_server, args=(q, ep, numel), daemon=True))
+                servers[-1].start()
+                r.start(numel, q.get(timeout=120), False)
             elif r.kind == "rpc":
                 port, tcp_only = _free_port(), r.what.endswith(" tcp")
                 servers.append(_SPAWN.Process(target=_rpc_server, args=(port, numel, tcp_only), daemon=True))
@@ -353,6 +427,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="--threads of each dcasgd server, and of the memcpy bound (default 1, as dcasgd launch)",
     )
     ap.add_argument("--no-rpc", dest="rpc", action="store_false", help="leave out the torch.distributed.rpc row")
+    ap.add_argument("--shm-study", action="store_true",
+                    help="add the same-host shared-memory study row (plain SGD; not a dcasgd transport)")  # fmt: skip
     ap.add_argument("--out", type=Path, default=Path("results/throughput.json"))
     a = ap.parse_args(argv)
     for key, value in DEFAULTS.items():
@@ -429,6 +505,10 @@ def report(numel: int, rows: list[Row], threads: int, results: dict[str, Any]) -
                 checks[f"{name}_vs_rpc"] = med[ours] / med[theirs]
                 ok = _verdict(checks[f"{name}_vs_rpc"] <= 1.0)
                 print(f"  like for like: {ours} = {checks[f'{name}_vs_rpc']:.3f}x {theirs} ({ok})")
+        if "shm study sgd" in med and "torch rpc sgd" in med:
+            checks["shm_study_vs_rpc"] = med["shm study sgd"] / med["torch rpc sgd"]
+            ratio = checks["shm_study_vs_rpc"]
+            print(f"  study: shm study sgd = {ratio:.3f}x torch rpc sgd (what a same-host path would reach)")
         results["targets"].append({"numel": numel, **checks})
 
 
