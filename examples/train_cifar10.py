@@ -43,6 +43,7 @@ ap.add_argument("--lr", type=float, default=0.1, help="divided by 10 after 50%% 
 ap.add_argument("--weight-decay", type=float, default=1e-4)
 ap.add_argument("--max-steps", type=int, help="stop after this many steps (quick runs, tests)")
 ap.add_argument("--log-every", type=int, default=100, help="worker 0 prints the loss every this many steps")
+ap.add_argument("--overlap", action="store_true", help="the next batch computes while this gradient travels")
 ap.add_argument("--seed", type=int, default=0)
 ap.add_argument("--result-file", help="write this worker's accuracy and timing here as JSON; {worker} -> worker id")
 args = ap.parse_args()
@@ -59,7 +60,7 @@ except FileNotFoundError as exc:
 
 torch.manual_seed(args.seed)  # the same initial weights everywhere (worker 0's are the ones used)
 model = resnet20().to(device)
-opt = dcasgd.DistributedOptimizer(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+opt = dcasgd.DistributedOptimizer(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, overlap=args.overlap)
 schedule = torch.optim.lr_scheduler.MultiStepLR(opt, [args.epochs // 2, args.epochs * 3 // 4], gamma=0.1)
 
 # This worker's share of the training set, and the same number of steps per epoch on every
@@ -99,7 +100,7 @@ print(f"worker {opt.worker_id}: {steps} steps, {steps_per_second:.2f} steps/s on
 print(f"worker {opt.worker_id}: test accuracy {accuracy:.3f}")
 if args.result_file:
     result = {"worker": opt.worker_id, "test_accuracy": accuracy, "steps": steps, "seconds": seconds}
-    result.update(steps_per_second=steps_per_second, device=str(device), finished_at=time.time())
+    result.update(steps_per_second=steps_per_second, device=str(device), overlap=args.overlap, finished_at=time.time())
     with open(args.result_file.format(worker=opt.worker_id), "w") as f:
         json.dump(result, f)
 opt.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -284,3 +285,29 @@ def test_staleness_quick_winner_beats_asgd_at_32_workers(tmp_path):
     assert doc["goal"]["beats_asgd"] == {"32": True}
     mean = {(r["method"], r["workers"]): r["mean"] for r in doc["summary"]}
     assert mean[("DC-ASGD-f", 32)] > mean[("ASGD", 32)] + 0.2
+
+
+@pytest.mark.timeout(150)
+def test_gpu_check_runs_its_device_parts_on_the_cpu(tmp_path):
+    # The script a session lent a GPU runs first; here its plumbing runs with --device cpu.
+    out = tmp_path / "gpu"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--quick", "--parts", "1", "2"]
+    done = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, timeout=140, cwd=ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads((out / "gpu_check.json").read_text())
+    cases = [(r["wire"], r["overlap"]) for r in report["bit_for_bit"]]
+    assert cases == [("float32", False), ("bfloat16", True)]
+    assert all(r["equal"] and r["moved"] and r["pass"] for r in report["bit_for_bit"])
+    assert [r["wire"] for r in report["overlap"]] == ["float32", "bfloat16"]
+    for r in report["overlap"]:
+        assert r["R_s"] > 0 and r["compute_s"] == pytest.approx(1.5 * r["R_s"])
+        assert 0 < r["blocking_busy"] <= 1.05 and 0 < r["overlap_busy"] <= 1.05
+    assert "PASS  float32  overlap=False" in done.stdout and "cifar" not in report
+
+
+@pytest.mark.timeout(60)
+def test_gpu_check_says_when_there_is_no_cuda_device(tmp_path):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--out", str(tmp_path)]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # no device, also on a machine that has one
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=50, cwd=ROOT, env=env)
+    assert done.returncode == 2 and "sees no CUDA device; use --device cpu" in done.stderr, done.stderr

@@ -44,14 +44,15 @@ def test_cifar10_runs_under_launch(tmp_path):
     ]  # fmt: skip
     script = str(EXAMPLES / "train_cifar10.py")
     # --data-dir names the parent of cifar-10-batches-py, as after extracting the tarball there.
-    args = [script, "--data-dir", str(tmp_path / "data"), "--max-steps", "3", "--batch-size", "16", "--log-every", "1"]
+    args = [script, "--data-dir", str(tmp_path / "data"), "--max-steps", "3", "--batch-size", "16", "--log-every", "1",
+            "--overlap"]  # fmt: skip
     results = launch(tmp_path, 1, 2, "dcasgd-a", *args, timeout=80)
     assert [r["worker"] for r in results] == [0, 1]
     for r in results:
         assert r["steps"] == 3
         assert 0.0 <= r["test_accuracy"] <= 1.0
         assert r["steps_per_second"] > 0
-        assert r["device"] in ("cpu", "cuda")
+        assert r["device"] in ("cpu", "cuda") and r["overlap"] is True
 
 
 @pytest.mark.timeout(90)
