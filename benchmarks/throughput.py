@@ -13,18 +13,14 @@ rotating) so that the noise of a shared machine falls on every row alike. Rows:
   function ``push_pull(g, lr)`` that does ``w.add_(g, alpha=-lr); return w``; TensorPipe picks
   its fastest transport on one host (shared memory, cross-process copies); ``tcp``: TensorPipe
   told to use tcp alone (``uv`` transport, ``basic`` channel), as dcasgd's tcp rows do;
-- ``push_pull MODE xK``: ``Client.push_pull`` through K ``dcasgd server`` processes (tcp,
-  ``--threads 1`` each: ``--shard-threads``), the client with ``tune_malloc=True``;
-  ``(default client)``: ``dcasgd-a`` on one shard with a client left at glibc's defaults,
-  as a training script gets it; ``ipc``: the same over ``ipc://``, as ``dcasgd launch`` connects
-  workers to shards on their own host;
-- ``shm study sgd`` (only with ``--shm-study``; not a dcasgd transport): what a same-host
-  shared-memory path would reach, the next step for ``push_pull`` on one host. The client
-  owns a sealed memfd (gradient region, weights region) that the server maps through
-  ``/proc/<pid>/fd``; per round trip the client copies the gradient in, a header-only
-  ZeroMQ message over ipc says "go", the server does the rpc row's plain SGD, copies the
-  weights into the region and answers, and the client copies them out: three memcpys and
-  the SGD, no socket carries a payload.
+- ``push_pull MODE xK``: ``Client.push_pull`` through K ``dcasgd server`` processes (tcp to
+  127.0.0.1, ``--threads 1`` each: ``--shard-threads``), the client with ``tune_malloc=True``.
+  On one host a worker hands its payloads over in shared memory by default (``dcasgd/shm.py``:
+  the gradient and the weights in a sealed memfd the shard maps; only headers cross the socket),
+  so this row is what a training script gets on one host. ``(default client)``: ``dcasgd-a`` on
+  one shard with a client left at glibc's defaults; ``ipc``: the same over ``ipc://``, as
+  ``dcasgd launch`` connects workers to shards on their own host; ``frames``: every payload in
+  ZeroMQ frames (``shared_memory=False``), as between hosts, over tcp and over ipc.
 
 Beside them, in the same rotation: a memcpy (torch ``copy_``, at the servers' thread
 count) that moves as many bytes as each mode's update must (``benchmarks/kernels.py``
@@ -148,39 +144,6 @@ def start_shards(
     return procs, endpoints
 
 
-def _shm_study_server(q: mp.Queue, endpoint: str, numel: int) -> None:
-    """The ``shm study sgd`` row's server: plain SGD on weights held here, payloads in the client's memfd."""
-    import fcntl
-    import mmap
-
-    torch.set_num_threads(1)
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.ROUTER)
-    sock.bind(endpoint)
-    q.put(endpoint)
-    w = torch.randn(numel)
-    g = out = None
-    while True:
-        ident, msg = sock.recv_multipart()
-        if msg == b"stop":
-            sock.send_multipart([ident, b"stopped"])
-            break
-        if g is None:  # the first message names the region: map it once
-            fd = os.open(msg.decode(), os.O_RDWR)
-            try:
-                # Sealed against shrinking: a client cannot truncate it under the mapping (SIGBUS here).
-                assert fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK
-                region = torch.frombuffer(mmap.mmap(fd, 2 * numel * 4), dtype=torch.float32)
-            finally:
-                os.close(fd)
-            g, out = region[:numel], region[numel:]
-        w.add_(g, alpha=-0.01)
-        out.copy_(w)
-        sock.send_multipart([ident, b"done"])
-    sock.close(0)
-    ctx.term()
-
-
 # --- clients: one process per row, driven over a pipe -------------------------------------
 
 
@@ -206,32 +169,6 @@ def _client(conn: Connection, kind: str, numel: int, arg: Any, tuned: bool) -> N
             sock.close(linger=1000)
             ctx.term()
 
-    elif kind == "shm":
-        import fcntl
-        import mmap
-
-        fd = os.memfd_create("dcasgd-shm-study", os.MFD_ALLOW_SEALING)
-        os.ftruncate(fd, 2 * numel * 4)
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
-        region = torch.frombuffer(mmap.mmap(fd, 2 * numel * 4), dtype=torch.float32)
-        ctx = zmq.Context()
-        sock = ctx.socket(zmq.DEALER)
-        sock.connect(arg)
-        name, back = f"/proc/{os.getpid()}/fd/{fd}".encode(), torch.empty(numel)
-
-        def round_trip() -> None:
-            region[:numel].copy_(g)
-            sock.send(name)
-            assert sock.recv() == b"done"
-            back.copy_(region[numel:])
-
-        def close() -> None:
-            sock.send(b"stop")
-            sock.recv()
-            sock.close(linger=1000)
-            ctx.term()
-            os.close(fd)
-
     elif kind == "rpc":
         import torch.distributed.rpc as rpc
 
@@ -244,10 +181,13 @@ def _client(conn: Connection, kind: str, numel: int, arg: Any, tuned: bool) -> N
             assert w.numel() == numel
 
         close = rpc.shutdown
-    else:  # push_pull through dcasgd servers at the endpoints in arg
-        client = Client(arg, worker_id=0, timeout=60.0, tune_malloc=tuned)
+    else:  # push_pull through dcasgd servers at the endpoints in arg[0]; arg[1]: shared memory or frames
+        endpoints, shared_memory = arg
+        client = Client(endpoints, worker_id=0, timeout=60.0, tune_malloc=tuned, shared_memory=shared_memory)
         client.init(torch.randn(numel))
         w = client.pull()
+        if client.shared_memory != [shared_memory] * len(endpoints):
+            raise RuntimeError(f"shared memory asked {shared_memory}, in use {client.shared_memory}")
 
         def round_trip() -> None:
             client.push_pull(g, lr=0.01, out=w)
@@ -273,7 +213,7 @@ class Row:
     """One line of the table: a client process (or a memcpy in this process) and its timings."""
 
     what: str
-    kind: str  # echo, rpc, shm, push_pull, memcpy
+    kind: str  # echo, rpc, push_pull, memcpy
     mode: str | None = None
     shards: int = 1
     seconds: list[float] = field(default_factory=list)
@@ -312,13 +252,13 @@ def plan(numel: int, a: argparse.Namespace) -> list[Row]:
     rows = [Row("bare zmq echo", "echo"), Row("bare zmq echo (tuned)", "echo")]
     if a.rpc:
         rows += [Row("torch rpc sgd", "rpc"), Row("torch rpc sgd tcp", "rpc")]
-    if a.shm_study:
-        rows.append(Row("shm study sgd", "shm"))
     for shards in a.shards:
         rows += [Row(f"push_pull {mode} x{shards}", "push_pull", mode, shards) for mode in a.modes]
     if "dcasgd-a" in a.modes and 1 in a.shards:
         rows.append(Row("push_pull dcasgd-a x1 (default client)", "push_pull", "dcasgd-a", 1))
         rows.append(Row("push_pull dcasgd-a x1 ipc", "push_pull", "dcasgd-a", 1))
+        rows.append(Row("push_pull dcasgd-a x1 frames", "push_pull", "dcasgd-a", 1))
+        rows.append(Row("push_pull dcasgd-a x1 ipc frames", "push_pull", "dcasgd-a", 1))
     for mode in a.modes:  # the push_pull update: rule + its reply's snapshot, in one pass
         nbytes = moved_bytes(mode, 0.0, True, 4) * numel
         rows.append(Row(f"memcpy {mode} bytes", "memcpy", mode, nbytes=nbytes))
@@ -340,22 +280,17 @@ def measure(numel: int, a: argparse.Namespace) -> list[Row]:
                 servers.append(_SPAWN.Process(target=_echo_server, args=(q, tuned), daemon=True))
                 servers[-1].start()
                 r.start(numel, q.get(timeout=120), tuned)
-            elif r.kind == "shm":
-                q = _SPAWN.Queue()
-                ep = f"ipc://{ipc_dir}/shm-study"
-                servers.append(_SPAWN.Process(target=_shm_study_server, args=(q, ep, numel), daemon=True))
-                servers[-1].start()
-                r.start(numel, q.get(timeout=120), False)
             elif r.kind == "rpc":
                 port, tcp_only = _free_port(), r.what.endswith(" tcp")
                 servers.append(_SPAWN.Process(target=_rpc_server, args=(port, numel, tcp_only), daemon=True))
                 servers[-1].start()
                 r.start(numel, (port, tcp_only), False)
             elif r.kind == "push_pull":
-                ipc = ipc_dir if r.what.endswith(" ipc") else None
+                ipc = ipc_dir if " ipc" in r.what else None
                 procs, endpoints = start_shards(r.shards, r.mode, a.shard_threads, ipc)
                 shard_procs += procs
-                r.start(numel, endpoints, not r.what.endswith("(default client)"))
+                frames = r.what.endswith(" frames")
+                r.start(numel, (endpoints, not frames), not r.what.endswith("(default client)"))
         for r in rows:
             if r.kind != "memcpy":
                 r.ready()
@@ -427,8 +362,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="--threads of each dcasgd server, and of the memcpy bound (default 1, as dcasgd launch)",
     )
     ap.add_argument("--no-rpc", dest="rpc", action="store_false", help="leave out the torch.distributed.rpc row")
-    ap.add_argument("--shm-study", action="store_true",
-                    help="add the same-host shared-memory study row (plain SGD; not a dcasgd transport)")  # fmt: skip
     ap.add_argument("--out", type=Path, default=Path("results/throughput.json"))
     a = ap.parse_args(argv)
     for key, value in DEFAULTS.items():
@@ -498,17 +431,18 @@ def report(numel: int, rows: list[Row], threads: int, results: dict[str, Any]) -
             line += f", rule {checks['rule_over_bound']:.2f}x its bound ({_verdict(checks['rule_over_bound'] <= 1.5)})"
         print(line)
         # Like for like: each side's transport between hosts (tcp), and each side's fastest on one host
-        # (TensorPipe picks shared memory; dcasgd launch connects workers to shards over ipc://).
-        alike = [("tcp", target, "torch rpc sgd tcp"), ("ipc", target + " ipc", "torch rpc sgd")]
+        # (both shared memory: TensorPipe's own pick; dcasgd launch connects workers to shards over ipc://).
+        # And what shared memory buys dcasgd: the same ipc endpoint with every payload in frames.
+        alike = [
+            ("tcp", target + " frames", "torch rpc sgd tcp"),
+            ("shm", target + " ipc", "torch rpc sgd"),
+            ("shm_vs_frames", target + " ipc", target + " ipc frames"),
+        ]
         for name, ours, theirs in alike:
             if ours in med and theirs in med:
                 checks[f"{name}_vs_rpc"] = med[ours] / med[theirs]
                 ok = _verdict(checks[f"{name}_vs_rpc"] <= 1.0)
                 print(f"  like for like: {ours} = {checks[f'{name}_vs_rpc']:.3f}x {theirs} ({ok})")
-        if "shm study sgd" in med and "torch rpc sgd" in med:
-            checks["shm_study_vs_rpc"] = med["shm study sgd"] / med["torch rpc sgd"]
-            ratio = checks["shm_study_vs_rpc"]
-            print(f"  study: shm study sgd = {ratio:.3f}x torch rpc sgd (what a same-host path would reach)")
         results["targets"].append({"numel": numel, **checks})
 
 

@@ -118,6 +118,15 @@ def _add_shard_options(p: argparse.ArgumentParser, *, launch: bool) -> list[argp
             f"(default {DEFAULT_IO_THREADS}; see docs/benchmarks.md, Transport)",
         )
     )
+    passed_on.append(
+        add(
+            "--no-shared-memory",
+            dest="shared_memory",
+            action="store_false",
+            help=f"never let workers on this host hand payloads over in shared memory{each}: every payload "
+            "crosses the socket (default: workers on the same host use a sealed memfd; docs/protocol.md)",
+        )
+    )
     passed_on.append(add("--log-level", default="INFO", help=f"logging level{each} (default INFO)"))
     passed_on.append(
         add(
@@ -452,6 +461,7 @@ def cmd_server(a: argparse.Namespace) -> int:
         metrics_port=a.metrics_port,
         metrics_host=a.metrics_host,
         exit_when_done=a.exit_when_done,
+        shared_memory=a.shared_memory,
         **ckpt,
     )
 
@@ -480,8 +490,8 @@ def launch_server_args(a: argparse.Namespace) -> list[str]:
     args: list[str] = []
     for action in a.server_options:
         value = getattr(a, action.dest)
-        if action.nargs == 0:  # a flag (--resume): given or not
-            args += [action.option_strings[0]] if value else []
+        if action.nargs == 0:  # a flag (--resume, --no-shared-memory): given or not
+            args += [action.option_strings[0]] if value != action.default else []
         elif value is not None:  # None: not given, and the server's own default applies
             args += [action.option_strings[0], str(value)]
     return args

@@ -11,6 +11,7 @@ names the shard that did not answer.
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import logging
 import os
@@ -24,7 +25,7 @@ import zmq
 from torch import Tensor
 from zmq.utils import monitor as zmq_monitor
 
-from . import protocol
+from . import protocol, shm
 from .env import WORKER_ID, JobConfigError, parse_servers, worker_id_from_environment
 from .kernels import GRADIENT_LIMIT
 from .layout import flat_fingerprint, shard_ranges
@@ -94,6 +95,11 @@ class Client:
     ``tune_malloc``: keep freed multi-MB buffers mapped (glibc ``mallopt``, see
     :mod:`dcasgd.memory`), which changes malloc for the whole process; off unless True or
     ``DCASGD_MALLOC_TUNING=1`` (shard processes always tune, unless it is ``0``).
+    ``shared_memory``: hand payloads to shards on this host in shared memory instead of
+    frames (:mod:`dcasgd.shm`: one region per shard, twice the slice in the wire type, in
+    this process). None (default): for ``ipc://`` and loopback ``tcp://`` endpoints whose
+    shard offers it, unless ``DCASGD_SHARED_MEMORY=0``; True: for every shard that offers
+    it (a shard that cannot open the region refuses, and frames go instead); False: never.
 
     Usage::
 
@@ -121,6 +127,7 @@ class Client:
         server_key: str | os.PathLike[str] | None = None,
         wire_dtype: str | None = None,
         tune_malloc: bool | None = None,
+        shared_memory: bool | None = None,
     ) -> None:
         if wire_dtype is not None and wire_dtype not in protocol.WIRE_DTYPES:
             raise ValueError(f"wire_dtype must be one of {', '.join(protocol.WIRE_DTYPES)}, got {wire_dtype!r}")
@@ -131,6 +138,16 @@ class Client:
         self.versions: list[int] = []  # per shard, the version of the weights received last
         self.received_from: list[str | None] = []  # per shard, the instance that sent those weights
         self.servers = list(parse_servers(servers))
+        if shared_memory is None and os.environ.get(shm.ENV, "auto") in ("0", "1"):
+            shared_memory = os.environ[shm.ENV] == "1"
+        # Per shard: whether to name a region (the shard must offer it too, see hello), the region, and
+        # the refusals in a row (two: frames from then on).
+        self._shm_wanted = [
+            shm.available() and shared_memory is not False and (shared_memory or _same_host(ep)) for ep in self.servers
+        ]
+        self._shm_use = [False] * len(self.servers)
+        self._regions: list[shm.Region | None] = [None] * len(self.servers)
+        self._shm_refusals = [0] * len(self.servers)
         if tune_malloc or (tune_malloc is None and os.environ.get("DCASGD_MALLOC_TUNING") == "1"):
             keep_freed_memory()  # process-wide: only when asked (the optimizer reuses its buffers anyway)
         if worker_id is None:
@@ -211,6 +228,8 @@ class Client:
         self.wire_dtype = replies[0].get("wire_dtype", "float32")
         self._wire = getattr(torch, self.wire_dtype)
         self._instances = [info.get("instance") for info in replies]
+        self._shm_use = [w and bool(info.get("shared_memory")) and r < 2 for w, info, r in zip(
+            self._shm_wanted, replies, self._shm_refusals, strict=True)]  # fmt: skip
         if all(info["initialized"] for info in replies):
             self._adopt(replies[0]["n"], replies[0]["fp"])
         return replies
@@ -310,8 +329,15 @@ class Client:
             raise ValueError(f"status must be an exit status in [0, 255], got {status}")
         return self._call_all("done", [{"status": int(status)}] * self.num_shards)
 
+    @property
+    def shared_memory(self) -> list[bool]:
+        """Per shard, whether requests hand payloads over in shared memory (a region is in use)."""
+        return [r is not None for r in self._regions]
+
     def close(self) -> None:
         """Close the sockets (and the ZeroMQ context if this client made it)."""
+        for s in range(len(self._regions)):
+            self._drop_region(s)
         for s in self._socks:
             self._close_socket(s)
         self._socks = []
@@ -348,9 +374,48 @@ class Client:
         sock.close(linger=0)
 
     def _reset(self, s: int) -> None:
-        """Replace shard ``s``'s socket, discarding what is still queued for it."""
+        """Replace shard ``s``'s socket, discarding what is still queued for it (and its region: see _call_all)."""
         self._close_socket(self._socks[s])
         self._socks[s] = self._connect(self.servers[s])
+        self._drop_region(s)
+
+    # --- shared memory (dcasgd/shm.py) -----------------------------------------------
+
+    def _region(self, s: int) -> shm.Region | None:
+        """Shard ``s``'s region for this job's slice and wire type, made when first needed; None: frames."""
+        if not self._shm_use[s] or self.n is None:
+            return None
+        lo, hi = self.ranges[s]
+        region = self._regions[s]
+        if region is not None and (region.numel != hi - lo or region.dtype != self._wire):
+            self._drop_region(s)
+            region = None
+        if region is None:
+            try:
+                region = self._regions[s] = shm.Region.create(hi - lo, self._wire)
+            except OSError as exc:
+                log.info("worker %d: no shared memory for shard %d (%s): frames", self.worker_id, s, exc)
+                self._shm_wanted[s] = self._shm_use[s] = False
+        return region
+
+    def _drop_region(self, s: int) -> None:
+        """Stop using shard ``s``'s region; the next request makes a new one, with a new token.
+
+        Whatever a shard may still write into the old one (an answer to a request given up on)
+        lands where no later answer is read from.
+        """
+        region, self._regions[s] = self._regions[s], None
+        if region is not None:
+            region.close()
+
+    def _shm_refused(self, exc: ServerError) -> None:
+        """A shard could not use the region: a new one next time; after two refusals in a row, frames."""
+        s = exc.shard
+        self._drop_region(s)
+        self._shm_refusals[s] += 1
+        if self._shm_refusals[s] >= 2:
+            self._shm_use[s] = False
+            log.info("worker %d: shard %d cannot use shared memory (%s): frames", self.worker_id, s, exc.message)
 
     def _adopt(self, n: int, fp: str) -> None:
         self.n = n
@@ -458,6 +523,9 @@ class Client:
             try:
                 return self._call_all(op, headers, **kw)
             except (ShardTimeout, ServerError) as exc:
+                if isinstance(exc, ServerError) and exc.code == protocol.SHM_REFUSED:
+                    self._shm_refused(exc)  # the same request again (same seq: applied at most once)
+                    continue
                 lost = (protocol.BAD_BASE, protocol.NO_WEIGHTS)
                 restarted = recovered or any(  # the weights it was computed on came from an earlier instance
                     fields.get("base_instance") not in (None, self._instances[s])
@@ -518,16 +586,28 @@ class Client:
         """
         ranges = ranges or self.ranges
         rid = next(self._rids)
-        msgs = []
-        for s, extra in enumerate(headers):
-            h = {"v": protocol.PROTOCOL_VERSION, "op": op, "rid": rid, "worker": self.worker_id, **extra}
+        # Per shard, the region this call names (None: frames). A request is sent through its region
+        # once: a resend (a timeout, a new connection) carries frames, and the region is replaced after
+        # the call, so that an answer the shard writes late never lands where a later answer is read.
+        regions = [self._region(s) if op in protocol.SHM_OPS else None for s in range(self.num_shards)]
+        stale: set[int] = set()
+
+        def message(s: int, region: shm.Region | None) -> list[Any]:
+            h = {"v": protocol.PROTOCOL_VERSION, "op": op, "rid": rid, "worker": self.worker_id, **headers[s]}
             frames: list[Any] = []
+            if region is not None:
+                h["shm"] = region.describe()
             if payload is not None:
                 lo, hi = ranges[s]
                 h["dtype"] = str(payload.dtype).removeprefix("torch.")
                 h["nbytes"] = (hi - lo) * payload.element_size()
-                frames.append(payload[lo:hi].view(torch.uint8).numpy())  # raw bytes (numpy has no bfloat16)
-            msgs.append([protocol.pack(h), *frames])
+                if region is None:
+                    frames.append(payload[lo:hi].view(torch.uint8).numpy())  # raw bytes (numpy has no bfloat16)
+                else:
+                    region.grad.copy_(payload[lo:hi])
+            return [protocol.pack(h), *frames]
+
+        msgs = [message(s, regions[s]) for s in range(self.num_shards)]
         replies: list[dict[str, Any] | None] = [None] * self.num_shards
         trackers: list[zmq.MessageTracker] = []
         tries = [0] * self.num_shards
@@ -539,6 +619,10 @@ class Client:
             if retry:  # a resend on reconnection is not a try: the deadline stands
                 tries[s] += 1
                 deadline[s] = time.monotonic() + self.timeout
+            resend = tries[s] > 1 or (not retry and s not in unsent)  # unsent: it never left
+            if resend and regions[s] is not None and s not in stale:
+                stale.add(s)
+                msgs[s] = message(s, None)
             # Never block: a DEALER whose handshake failed has no pipe, and a blocking send
             # would wait for one forever. The message waits for POLLOUT under the deadline.
             *head, last = msgs[s]
@@ -588,7 +672,7 @@ class Client:
                         send(s, retry=False)
                     if not events & zmq.POLLIN:
                         continue
-                    reply = self._receive(s, rid, out if replies[s] is None else None, ranges)
+                    reply = self._receive(s, rid, out if replies[s] is None else None, ranges, regions[s])
                     if reply is None or replies[s] is not None:
                         continue
                     replies[s] = reply
@@ -605,6 +689,8 @@ class Client:
             for t in trackers:  # the caller may reuse its tensor once we return
                 if not t.done:
                     t.wait(self.timeout)
+            for s in stale:
+                self._drop_region(s)
         if errors:
             raise errors[0]
         return replies  # type: ignore[return-value]
@@ -620,8 +706,18 @@ class Client:
             return ShardTimeout(text)
         return HandshakeError(f"{text}: {handshake_hint(*failure, curve=self._curve is not None)}")
 
-    def _receive(self, s: int, rid: int, out: Tensor | None, ranges: list[tuple[int, int]]) -> dict[str, Any] | None:
-        """Read one message from shard ``s``; None when it answers an older request."""
+    def _receive(
+        self,
+        s: int,
+        rid: int,
+        out: Tensor | None,
+        ranges: list[tuple[int, int]],
+        region: shm.Region | None = None,
+    ) -> dict[str, Any] | None:
+        """Read one message from shard ``s``; None when it answers an older request.
+
+        ``region``: the one this request named, where an answer with ``shm`` has put the weights.
+        """
         sock = self._socks[s]
         h = protocol.unpack(sock.recv(), max_bytes=_MAX_REPLY_HEADER, max_items=_MAX_REPLY_HEADER)
         more = sock.getsockopt(zmq.RCVMORE)
@@ -630,7 +726,14 @@ class Client:
                 sock.recv_into(self._trash)
                 more = sock.getsockopt(zmq.RCVMORE)
             return None
-        if more and out is None:  # weights we already have (a repeated answer): skip them
+        if h.get("shm") and h.get("ok"):
+            if region is None or more:
+                raise DcasgdError(f"shard {s} answered in shared memory a request that named no region")
+            self._shm_refusals[s] = 0
+            if out is not None:
+                lo, hi = ranges[s]
+                out[lo:hi].copy_(region.weights)  # written before the answer was sent; widened if narrow
+        elif more and out is None:  # weights we already have (a repeated answer): skip them
             while sock.getsockopt(zmq.RCVMORE):
                 sock.recv_into(self._trash)
         elif more:
@@ -906,3 +1009,18 @@ def _flat(t: Tensor, name: str, wire: torch.dtype = torch.float32) -> Tensor:
     if t.device.type != "cpu":
         raise ValueError(f"{name} must be a CPU tensor (the optimizer stages GPU tensors through pinned memory)")
     return t.contiguous()
+
+
+def _same_host(endpoint: str) -> bool:
+    """Whether ``endpoint`` is on this host: ``ipc://``, or ``tcp://`` to a loopback address or localhost."""
+    if endpoint.startswith("ipc://"):
+        return True
+    if not endpoint.startswith("tcp://"):
+        return False
+    host = endpoint[len("tcp://") :].rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

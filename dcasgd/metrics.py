@@ -77,8 +77,18 @@ class ShardCollector:
                 requests.add_metric([shard, key[3:]], n)
         yield requests
         yield _counter("dcasgd_messages", "Messages received, valid or not", shard, srv.get("messages", 0))
-        yield _counter("dcasgd_received_bytes", "Bytes received, all frames", shard, srv.get("bytes_in", 0))
-        yield _counter("dcasgd_sent_bytes", "Bytes sent in replies", shard, srv.get("bytes_out", 0))
+        yield _counter(
+            "dcasgd_received_bytes", "Bytes received: frames, and gradients read from shared memory", shard,
+            srv.get("bytes_in", 0),
+        )  # fmt: skip
+        yield _counter(
+            "dcasgd_sent_bytes", "Bytes sent in replies: frames, and weights written to shared memory", shard,
+            srv.get("bytes_out", 0),
+        )  # fmt: skip
+        yield _counter(
+            "dcasgd_shared_memory_bytes", "Payload bytes that moved through workers' shared-memory regions", shard,
+            srv.get("shm_bytes_in", 0) + srv.get("shm_bytes_out", 0),
+        )  # fmt: skip
         yield _counter(
             "dcasgd_dropped_messages",
             "Frames that were not a message, dropped unanswered",

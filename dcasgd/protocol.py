@@ -42,6 +42,7 @@ NO_WORKER_OPS = frozenset({"stats", "claim", "weights"})  # asked by a peer that
 PAYLOAD_OPS = frozenset({"init", "push", "push_pull"})
 PUSH_OPS = frozenset({"push", "push_pull"})
 WEIGHT_REPLY_OPS = frozenset({"pull", "push_pull"})
+SHM_OPS = frozenset({"pull", "push", "push_pull"})  # may name a shared-memory region instead of frames
 
 # Error codes carried in error replies (``code`` field).
 BAD_HEADER = "bad_header"
@@ -63,6 +64,7 @@ NON_FINITE = "non_finite"
 RESTARTED = "restarted"
 NO_WORKER_ID = "no_worker_id"
 FORBIDDEN = "forbidden"  # CURVE: the worker id belongs to another client key in this run
+SHM_REFUSED = "shm_refused"  # the shard cannot use the shared-memory region the request names (dcasgd/shm.py)
 MAX_NAME_CHARS = 256
 
 if sys.byteorder != "little":  # payloads are little-endian float32, read in place
@@ -87,6 +89,16 @@ class ProtocolError(Exception):
 
 
 @dataclass(frozen=True)
+class Region:
+    """A request's ``shm`` field: the worker's region for this shard (``dcasgd/shm.py``)."""
+
+    pid: int
+    fd: int
+    size: int  # bytes
+    token: bytes
+
+
+@dataclass(frozen=True)
 class Request:
     """A validated request header. Sizes are in bytes (``nbytes``) or elements (n, lo, hi)."""
 
@@ -108,6 +120,7 @@ class Request:
     base: int | None = None  # push: the version of this shard's weights the gradient was computed on
     base_instance: str | None = None  # push: the shard instance that sent those weights
     keep: int = 1  # pull, push_pull: how many of the newest weights sent to this worker the shard keeps
+    shm: Region | None = None  # pull, push ops: the worker's shared-memory region the payloads are in
 
 
 def pack(header: dict[str, Any]) -> bytes:
@@ -176,7 +189,8 @@ def validate_request(h: dict[str, Any], num_workers: int, payload_frames: int) -
     if not isinstance(op, str) or op not in OPS:
         raise ProtocolError(BAD_OP, f"unknown op {op!r} (known: {', '.join(OPS)})")
     worker = _int(h, "worker", hi=num_workers, required=op not in NO_WORKER_OPS)
-    want_frames = 1 if op in PAYLOAD_OPS else 0
+    shm = _region(h.get("shm")) if op in SHM_OPS else None
+    want_frames = 1 if op in PAYLOAD_OPS and shm is None else 0  # a region holds the payload instead
     if payload_frames != want_frames:
         raise ProtocolError(BAD_FRAMES, f"{op} takes {want_frames} payload frame(s), got {payload_frames}")
     fp = None
@@ -242,7 +256,30 @@ def validate_request(h: dict[str, Any], num_workers: int, payload_frames: int) -
         base=base,
         base_instance=base_instance,
         keep=keep,
+        shm=shm,
     )
+
+
+def _region(value: Any) -> Region | None:
+    """The optional ``shm`` field: ``{"pid", "fd", "size", "token"}`` naming the worker's region."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ProtocolError(BAD_HEADER, "field 'shm' must be a map of pid, fd, size and token")
+    ints = {}
+    for key, lo in (("pid", 1), ("fd", 0), ("size", 1)):
+        v = value.get(key)
+        if type(v) is not int or not lo <= v < 2**63:
+            raise ProtocolError(BAD_HEADER, f"field 'shm.{key}' must be an integer >= {lo}")
+        ints[key] = v
+    token = value.get("token")
+    if not isinstance(token, str) or len(token) != 32:
+        raise ProtocolError(BAD_HEADER, "field 'shm.token' must be 32 hex digits")
+    try:
+        raw = bytes.fromhex(token)
+    except ValueError:
+        raise ProtocolError(BAD_HEADER, "field 'shm.token' must be 32 hex digits") from None
+    return Region(ints["pid"], ints["fd"], ints["size"], raw)
 
 
 def _layout(value: Any) -> list[list[Any]] | None:

@@ -19,13 +19,14 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import zmq
 from zmq.utils import monitor as zmq_monitor
 
-from . import checkpoint, protocol, security
+from . import checkpoint, protocol, security, shm
 from . import env as job_env
 from .memory import keep_freed_memory
 from .protocol import MalformedMessage, ProtocolError
@@ -51,6 +52,10 @@ _ENVELOPE = 4096  # bytes a frame may exceed its payload on the wire (CURVE's bo
 _REBIND_SECONDS = 10.0  # to close the listener and bind its endpoint again when the limit tightens
 
 
+# Where an answer goes: the peer's identity, the request's rid and op, and the region it named (or None).
+_Route = tuple[bytes, int, str, "shm.Region | None"]
+
+
 class BindError(ValueError):
     """The endpoint cannot be bound; the message says why and what to do."""
 
@@ -62,7 +67,9 @@ class ShardServer:
     picks a free one; see :attr:`endpoint`), or ``ipc:///path/to/socket`` for
     workers on the same host (the socket file is removed by :meth:`close`).
     ``io_threads``: ZeroMQ I/O threads of the server's own context (ignored when
-    ``context`` is given). Call :meth:`serve` to run until :meth:`stop`.
+    ``context`` is given). ``shared_memory``: let workers on this host name a
+    shared-memory region for their payloads (``dcasgd/shm.py``), so that no payload
+    crosses the socket. Call :meth:`serve` to run until :meth:`stop`.
     """
 
     def __init__(
@@ -80,6 +87,7 @@ class ShardServer:
         curve_secret_key: str | os.PathLike[str] | None = None,
         curve_clients: str | os.PathLike[str] | None = None,
         exit_when_done: bool = False,
+        shared_memory: bool = True,
     ) -> None:
         secured = security.check_server_options(curve_secret_key, curve_clients)  # both or neither
         self.config = config
@@ -135,11 +143,15 @@ class ShardServer:
         # Held by serve() while it changes state; a metrics scrape (dcasgd/metrics.py) reads stats() under it.
         self.lock = threading.Lock()
         # (identity, rid, op) of sync pushes waiting for their round, per worker.
-        self._deferred: dict[int, tuple[bytes, int, str]] = {}
+        self._deferred: dict[int, _Route] = {}
         # Per peer, the trackers of the weight frames handed to ZeroMQ and maybe not sent yet.
         self._unsent: dict[bytes, list[zmq.MessageTracker]] = {}
         # Return from serve() once every worker has reported its end (docker compose: the job is over).
         self.exit_when_done = exit_when_done
+        self.shared_memory = shared_memory and shm.available()
+        # Per worker, the shared-memory region its requests name (the newest: a new one replaces it).
+        self._regions: dict[int, shm.Region] = {}
+        self._shm_grad: torch.Tensor | None = None  # a gradient copied out of a region, checked and applied here
 
     def _message_limit(self) -> int:
         """ZeroMQ's frame limit: the one asked for if any (0: none), else the largest legal frame when the
@@ -235,7 +247,7 @@ class ShardServer:
         if t0 is None:
             t0 = time.perf_counter()
         self.counters["messages"] += 1
-        self.counters["bytes_in"] += sum(len(f) for f in frames)
+        self.counters["bytes_in"] += sum(len(f) for f in frames)  # and a region's gradient, once read
         if len(frames) < 2:
             self._drop("no header frame")
             return
@@ -250,7 +262,7 @@ class ShardServer:
         rid = h.get("rid") if type(h.get("rid")) is int else None
         try:
             req = protocol.validate_request(h, self.config.num_workers, len(payloads))
-            if req.nbytes is not None and len(payloads[0]) != req.nbytes:
+            if req.nbytes is not None and req.shm is None and len(payloads[0]) != req.nbytes:
                 raise ProtocolError(
                     protocol.BAD_SIZE, f"header says {req.nbytes} payload bytes, frame has {len(payloads[0])}"
                 )
@@ -265,10 +277,12 @@ class ShardServer:
                 # An id in use, claimed or not, is never handed out by a claim (two workers would share it),
                 # and under CURVE it belongs to the key that first used it (stats, for anyone, binds nothing).
                 self.shard.members.seen(req.worker, None if req.op == "stats" else key)
+            region = self._region(req) if req.shm is not None else None
+            payload = self._payload(req, payloads, region)
             self.counters["op:" + req.op] += 1
-            route = (ident, req.rid, req.op)
+            route = (ident, req.rid, req.op, region)
             self.phase_seconds["receive"] += time.perf_counter() - t0
-            replies = self._dispatch(req, payloads, key)
+            replies = self._dispatch(req, payload, key)
             if req.op == "init" and self.max_message_bytes != self._message_limit():
                 # The model size is known now. Bind again under the tight limit before any answer says the
                 # shard has weights: a peer that heard it can reach only the new listener.
@@ -293,13 +307,57 @@ class ShardServer:
             self._send(ident, protocol.error_header(rid, exc.code, exc.message, shard=self.config.shard))
             self.phase_seconds["send"] += time.perf_counter() - t1
 
-    def _dispatch(self, req: protocol.Request, payloads: list[zmq.Frame], key: str | None) -> list[Reply]:
+    def _region(self, req: protocol.Request) -> shm.Region:
+        """The shared-memory region ``req`` names, mapped once per worker and region.
+
+        Raises ProtocolError ``shm_refused`` (the worker sends frames instead) when this shard
+        cannot use it: shared memory is off here, or the region fails a check of ``shm.Region.open``.
+        """
+        if not self.shared_memory:
+            raise ProtocolError(protocol.SHM_REFUSED, f"shard {self.config.shard} runs without shared memory")
+        named = req.shm
+        held = self._regions.get(req.worker)
+        if held is not None and held.size == named.size and held.token == named.token:
+            return held
+        try:
+            region = shm.Region.open(
+                named.pid, named.fd, named.size, named.token, self.shard.size, self.shard.wire_dtype
+            )
+        except shm.RegionRefused as exc:
+            self.counters["shm_refused"] += 1
+            raise ProtocolError(protocol.SHM_REFUSED, f"shard {self.config.shard}: {exc}") from None
+        self._regions[req.worker] = region  # the worker's older region, if any, unmaps with its last view
+        self.counters["shm_attached"] += 1
+        log.debug("shard %d: worker %d's region mapped (%d bytes)", self.config.shard, req.worker, region.size)
+        return region
+
+    def _payload(
+        self, req: protocol.Request, payloads: list[zmq.Frame], region: shm.Region | None
+    ) -> torch.Tensor | None:
+        """A request's payload as a 1-D tensor of its type: a view of its frame, or copied out of its region.
+
+        Copied, because the worker could write its region while the shard checks and applies the
+        gradient; the copy is what is checked and applied. None for ops without a payload.
+        """
+        if req.op not in protocol.PAYLOAD_OPS:
+            return None
+        if region is None:
+            return _as_tensor(payloads[0], req.dtype)
+        if self._shm_grad is None or self._shm_grad.numel() != region.numel:
+            self._shm_grad = torch.empty(region.numel, dtype=region.dtype)
+        self._shm_grad.copy_(region.grad)
+        self.counters["bytes_in"] += req.nbytes
+        self.counters["shm_bytes_in"] += req.nbytes
+        return self._shm_grad
+
+    def _dispatch(self, req: protocol.Request, payload: torch.Tensor | None, key: str | None) -> list[Reply]:
         if req.op == "stats":
             return [Reply(req.worker, self.stats())]
         if req.op == "hello":
-            return [Reply(req.worker, {**self.shard.hello(req.worker), **self._restart_info()})]
+            info = {**self.shard.hello(req.worker), **self._restart_info(), "shared_memory": self.shared_memory}
+            return [Reply(req.worker, info)]
         if req.op == "init":
-            return [self.shard.init(req, _as_tensor(payloads[0], req.dtype))]
+            return [self.shard.init(req, payload)]
         if req.op == "pull":
             return [self.shard.pull(req.worker, req.rid, req.keep)]
         if req.op == "claim":
@@ -310,7 +368,7 @@ class ShardServer:
             return [reply]
         if req.op == "done":
             return self.shard.done(req.worker, req.status, time.monotonic())
-        return self.shard.push(req, _as_tensor(payloads[0], req.dtype), time.monotonic())
+        return self.shard.push(req, payload, time.monotonic())
 
     def stats(self) -> dict[str, Any]:
         """The shard's counters plus the server's (messages, bytes, drops, errors, receive and send seconds)."""
@@ -488,7 +546,7 @@ class ShardServer:
 
     # --- replies -------------------------------------------------------------------
 
-    def _send_reply(self, reply: Reply, route: tuple[bytes, int, str] | None) -> None:
+    def _send_reply(self, reply: Reply, route: _Route | None) -> None:
         if route is None:
             return
         t0 = time.perf_counter()
@@ -497,13 +555,19 @@ class ShardServer:
         finally:
             self.phase_seconds["send"] += time.perf_counter() - t0
 
-    def _send_reply_now(self, reply: Reply, route: tuple[bytes, int, str]) -> None:
-        ident, rid, op = route
+    def _send_reply_now(self, reply: Reply, route: _Route) -> None:
+        ident, rid, op, region = route
         header = protocol.ok_header(rid, op, reply.fields)
         if reply.snapshot is None:
             self._send(ident, header)
             return
         snap = reply.snapshot
+        if region is not None:  # the weights go into the worker's region before the answer says so
+            if self._send(ident, {**header, "shm": True}, write=lambda: region.weights.copy_(snap.tensor)):
+                nbytes = snap.tensor.nbytes
+                self.counters["bytes_out"] += nbytes
+                self.counters["shm_bytes_out"] += nbytes
+            return
         unsent = [t for t in self._unsent.pop(ident, ()) if not t.done]
         if len(unsent) >= MAX_WEIGHT_REPLIES:  # the peer does not read: keep no more weights for it
             self._unsent[ident] = unsent
@@ -530,7 +594,14 @@ class ShardServer:
         if len(self._unsent) > 256:  # peers come and go: forget those with nothing in flight
             self._unsent = {i: ts for i, ts in self._unsent.items() if not all(t.done for t in ts)}
 
-    def _send(self, ident: bytes, header: dict[str, Any], more: bool = False) -> bool:
+    def _send(
+        self, ident: bytes, header: dict[str, Any], more: bool = False, write: Callable[[], Any] | None = None
+    ) -> bool:
+        """Send ``header`` to peer ``ident`` (``more``: weight frames follow); False when it cannot be routed.
+
+        ``write``: called once the peer is known to be routable, before the header goes (the
+        weights into its region: a peer that reads the header finds them written).
+        """
         data = protocol.pack(header)
         try:
             self._sock.send(ident, zmq.SNDMORE | zmq.NOBLOCK)
@@ -540,6 +611,8 @@ class ShardServer:
                 self.counters["reply_queue_full"] += 1
             log.debug("reply to %r not sent: %s", ident, exc)
             return False
+        if write is not None:
+            write()
         self._sock.send(data, zmq.SNDMORE if more else 0)
         self.counters["bytes_out"] += len(data)
         return True

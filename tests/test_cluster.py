@@ -27,7 +27,10 @@ def start_weights(n: int = N) -> torch.Tensor:
 
 
 def clients(endpoints: list[str], m: int, **kw) -> list[Client]:
-    return [Client(endpoints, worker_id=i, timeout=20.0, **kw) for i in range(m)]
+    """``m`` workers; worker 1 sends its payloads in frames, the others in shared memory (the default on one
+    host), so that every test here runs both paths side by side."""
+    return [Client(endpoints, worker_id=i, timeout=20.0, shared_memory=None if i != 1 else False, **kw)
+            for i in range(m)]  # fmt: skip
 
 
 def close_all(cs: list[Client]) -> None:
@@ -122,6 +125,7 @@ def test_scripted_interleaving_matches_float64_reference(cluster_factory, mode, 
         assert ref.w.sub(w0.double()).abs().max() > 0.01
         stale = dict(cs[0].stats()[0]["staleness"])
         assert max(stale) >= 2, f"the script should produce stale gradients, got {stale}"
+        assert [c.shared_memory for c in cs] == [[True, True], [False, False], [True, True]]
         close_all(cs)
 
 

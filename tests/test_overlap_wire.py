@@ -286,7 +286,7 @@ def test_a_bfloat16_reply_of_several_frames_is_widened_exactly(cluster_factory):
     n = (5 * protocol.REPLY_FRAME_BYTES) // 4 + 3  # 2.5 frames' worth of bfloat16, and a ragged end
     w0 = start_weights(n)
     with cluster_factory(1, 1, "async", "--wire-dtype", "bfloat16") as cl:
-        with Client(cl.endpoints, 0, timeout=20.0) as c:
+        with Client(cl.endpoints, 0, timeout=20.0, shared_memory=False) as c:  # frames, as between hosts
             c.init(w0)
             assert torch.equal(c.pull(), w0.to(torch.bfloat16).float())
             g = torch.randn(n, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)

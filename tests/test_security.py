@@ -283,7 +283,9 @@ def test_traffic_is_encrypted(cluster_factory, keys, secured):
     with cluster_factory(1, 1, "async", *(keys.server_args if secured else ())) as cl:
         tap = Tap(cl.endpoints[0])
         try:
-            c = keys.allowed([tap.endpoint]) if secured else Client([tap.endpoint], 0, timeout=20.0)
+            # Frames: on one host a worker would hand its payloads over in shared memory, off the wire.
+            kw = {"timeout": 20.0, "shared_memory": False}
+            c = keys.allowed([tap.endpoint], **kw) if secured else Client([tap.endpoint], 0, **kw)
             c.init(w0)
             c.pull()
             w1 = c.push_pull(torch.ones(N), lr=LR)
