@@ -202,7 +202,10 @@ def test_transport_quick_writes_every_row(tmp_path):
 @pytest.mark.timeout(300)
 def test_step_overhead_quick_writes_every_row(tmp_path):
     out = tmp_path / "step"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "step_overhead.py"), "--quick", "--steps", "4", "--out", str(out)]
+    # Two of the four shards x workers (the full set is the default; its parsing is tested below):
+    # 1x1, and 2x2, which has both several shards and several workers.
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "step_overhead.py"), "--quick", "--steps", "4",
+           "--configs", "1x1", "2x2", "--out", str(out)]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=290, cwd=ROOT)
     assert done.returncode == 0, done.stdout + done.stderr
 
@@ -210,7 +213,8 @@ def test_step_overhead_quick_writes_every_row(tmp_path):
     assert {"argv", "args", "machine", "summary", "checks", "runs"} <= report.keys()
     numel = report["args"]["numel"]
     assert report["args"]["model"] == "tiny" and 900_000 < numel < 1_100_000
-    configs = {(s, m, wire) for s in (1, 2) for m in (1, 2) for wire in ("float32", "bfloat16")}
+    assert report["args"]["configs"] == [[1, 1], [2, 2]]
+    configs = {(s, m, wire) for s, m in ((1, 1), (2, 2)) for wire in ("float32", "bfloat16")}
     assert {(r["shards"], r["workers"], r["wire"]) for r in report["runs"]} == configs
     for run in report["runs"]:
         for phase in ("calibration", "blocking", "overlap"):
@@ -228,7 +232,7 @@ def test_step_overhead_quick_writes_every_row(tmp_path):
         per_float = 8 if r["wire"] == "float32" else 4  # in and out, 4 or 2 bytes each
         assert r["bytes_per_step"]["median"] == pytest.approx(per_float * numel, rel=0.01)
     checks = report["checks"]
-    assert len(checks["busy"]) == len(rows) and len(checks["wire"]) == 4
+    assert len(checks["busy"]) == len(rows) == 6 and len(checks["wire"]) == 2
     for w in checks["wire"]:
         assert w["bytes_ratio"] == pytest.approx(0.5, abs=0.01) and w["bytes_pass"]
     data = (out / "step_overhead.png").read_bytes()
@@ -250,8 +254,16 @@ def test_step_overhead_resnet50_shapes_and_quick_options():
     assert ("layer4.0.downsample.0.weight", (2048, 1024, 1, 1)) in shapes
     full = step_overhead.parse_args([])
     assert (full.model, full.repeats, full.ratio) == ("resnet50", 3, 1.5)
+    assert full.configs == [(1, 1), (1, 2), (2, 1), (2, 2)]  # every configuration by default
+    assert step_overhead.configurations(full) == [
+        (s, m, wire) for s in (1, 2) for m in (1, 2) for wire in ("float32", "bfloat16")
+    ]
     quick = step_overhead.parse_args(["--quick", "--steps", "5"])
     assert (quick.model, quick.repeats, quick.steps) == ("tiny", 1, 5)
+    assert step_overhead.parse_args(["--configs", "2x2", "1x1", "2X2"]).configs == [(2, 2), (1, 1)]
+    for bad in ("2", "0x1", "1x-1", "axb", "1x2x3"):
+        with pytest.raises(SystemExit):
+            step_overhead.parse_args(["--configs", bad])
 
 
 @pytest.mark.timeout(120)
