@@ -1,6 +1,10 @@
 """A newcomer's path: the wheel, installed into a fresh virtual environment with the README's
 constraints, runs ``dcasgd demo`` from an empty directory, far from any source checkout.
 
+The demo here is a short one (2 workers, 2 shards, 5 epochs: about half the default's time, most
+of which is starting processes): this test proves that the installed wheel runs a distributed job;
+``tests/test_demo.py`` checks that the default demo reaches 95%.
+
 Slow (a fresh environment gets torch from the local CPU wheel and the other dependencies from the
 index: about 50 s measured on the 2-core development VM, then the demo itself); everything it creates
 lives in one temporary directory that is removed at the end.
@@ -53,9 +57,10 @@ def test_demo_runs_from_an_installed_wheel():
         site = venv / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
         assert Path(where.stdout.strip()) == site / "dcasgd" / "train_digits.py", where.stdout
 
-        demo = _run([venv / "bin" / "dcasgd", "demo"], timeout=300, env=env, cwd=empty)
-        line = re.search(r"^mode dcasgd-a\s+workers 4\s+shards 2\s+wall\s+[\d.]+ s\s+test accuracy ([\d.]+)$",
+        demo = _run([venv / "bin" / "dcasgd", "demo", "--workers", "2", "--shards", "2", "--epochs", "5"], timeout=300,
+                    env=env, cwd=empty)  # fmt: skip
+        line = re.search(r"^mode dcasgd-a\s+workers 2\s+shards 2\s+wall\s+[\d.]+ s\s+test accuracy ([\d.]+)$",
                          demo.stdout, re.M)  # fmt: skip
         assert line, demo.stdout + demo.stderr
-        assert float(line.group(1)) >= 0.95, demo.stdout
+        assert float(line.group(1)) >= 0.8, demo.stdout  # 0.90-0.93 after 5 epochs here; chance is 0.1
         assert list(empty.iterdir()) == []  # the demo leaves nothing in the directory it ran from
