@@ -5,8 +5,8 @@ below: 25,557,032 floats; no torchvision needed) and a ``dcasgd.DistributedOptim
 ``dcasgd server`` processes. Each step sets nothing (a fixed small random ``.grad`` per
 parameter is attached once: no autograd), sleeps C ms to emulate the accelerator's forward and
 backward (GPU time costs the host no CPU) and calls ``opt.step()``. For each configuration
-(1 and 2 shards, 1 and 2 workers, float32 and bfloat16 wire), on fresh shards, three phases
-run one after the other:
+(1 and 2 shards, 1 and 2 workers, float32 and bfloat16 wire; --configs picks some of them), on
+fresh shards, three phases run one after the other:
 
     R            blocking, C = 0: the time spent inside ``opt.step()``, median over the timed
                  steps (of every worker): the blocking step's round trip. Bytes per step per
@@ -32,6 +32,7 @@ R float32 vs bfloat16).
     python benchmarks/step_overhead.py            # ResNet-50, 8 configurations x 3 repeats, 15 steps per phase
     python benchmarks/step_overhead.py --quick    # 1M floats, 1 repeat, 8 steps (a smoke run)
     python benchmarks/step_overhead.py --repeats 1 --steps 10 --warmup 1   # what fitted here (~10 min, loaded)
+    python benchmarks/step_overhead.py --quick --configs 1x1 2x2          # only these shards x workers (both wires)
 
 How long a run takes depends on R, which on a shared 2-core machine depends on the load:
 ResNet-50's R was 0.5-1.4 s here at load averages 5-10 (every phase then takes seconds per step).
@@ -66,7 +67,8 @@ RESNET50_NUMEL = 25_557_032
 DEFAULTS = {"model": "resnet50", "repeats": 3, "steps": 15, "warmup": 2}
 # A smoke run: every configuration once, on a model of about a million floats.
 QUICK = {"model": "tiny", "repeats": 1, "steps": 8, "warmup": 2}
-CONFIGS = [(shards, workers, wire) for shards in (1, 2) for workers in (1, 2) for wire in ("float32", "bfloat16")]
+WIRES = ("float32", "bfloat16")
+SHARDS_X_WORKERS = ["1x1", "1x2", "2x1", "2x2"]  # --configs' default: every one, as run since issue 10
 TARGET_BUSY = 0.87  # overlapped busy at C = 1.5 R
 TARGET_R_CUT = 0.35  # bfloat16 cuts R by at least this much
 START_TIMEOUT = 60.0  # seconds for a shard to report its endpoint
@@ -286,12 +288,10 @@ def _spread(values: list[float]) -> dict:
 
 
 def summarize(runs: list[dict]) -> list[dict]:
-    """One row per configuration and worker: medians and ranges over repeats."""
+    """One row per configuration and worker, in the order the configurations ran: medians and ranges over repeats."""
     rows = []
-    for shards_, m, wire in CONFIGS:
+    for shards_, m, wire in dict.fromkeys((r["shards"], r["workers"], r["wire"]) for r in runs):
         mine = [r for r in runs if (r["shards"], r["workers"], r["wire"]) == (shards_, m, wire)]
-        if not mine:
-            continue
         for w in range(m):
             pb = [r["blocking"][w]["period"] for r in mine]
             po = [r["overlap"][w]["period"] for r in mine]
@@ -400,6 +400,22 @@ def plot(rows: list[dict], c: dict, a: argparse.Namespace, path: Path) -> None:
     plt.close(fig)
 
 
+def shards_x_workers(text: str) -> tuple[int, int]:
+    """``"2x1"`` -> ``(2, 1)``: a configuration's shards and workers, each >= 1."""
+    try:
+        shards_, workers = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected SHARDSxWORKERS such as 2x1, got {text!r}") from None
+    if shards_ < 1 or workers < 1:
+        raise argparse.ArgumentTypeError(f"shards and workers must be >= 1, got {text!r}")
+    return shards_, workers
+
+
+def configurations(a: argparse.Namespace) -> list[tuple[int, int, str]]:
+    """(shards, workers, wire) in run order: each of --configs with float32, then bfloat16."""
+    return [(shards_, workers, wire) for shards_, workers in a.configs for wire in WIRES]
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The options; ``--quick`` fills in :data:`QUICK` for those not given, otherwise :data:`DEFAULTS` apply."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -408,6 +424,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, help=f"runs of each configuration (default {DEFAULTS['repeats']})")
     ap.add_argument("--steps", type=int, help=f"timed steps per phase and worker (default {DEFAULTS['steps']})")
     ap.add_argument("--warmup", type=int, help=f"untimed steps first, per phase (default {DEFAULTS['warmup']})")
+    ap.add_argument("--configs", nargs="+", type=shards_x_workers, metavar="SxW",
+                    default=[shards_x_workers(c) for c in SHARDS_X_WORKERS],
+                    help="shards x workers to run, each with both wire types, e.g. --configs 1x1 2x2 "
+                    f"(default: {' '.join(SHARDS_X_WORKERS)})")  # fmt: skip
     ap.add_argument("--ratio", type=float, default=1.5, help="emulated compute C = ratio x R (default 1.5)")
     ap.add_argument("--mode", choices=["async", "dcasgd", "dcasgd-a"], default="dcasgd-a", help="update rule")
     ap.add_argument("--lr", type=float, default=0.01)
@@ -418,6 +438,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     "loaded 2-core machine made the round trip 3x slower here)")  # fmt: skip
     ap.add_argument("--out", type=Path, default=Path("results/step_overhead"))
     a = ap.parse_args(argv)
+    a.configs = list(dict.fromkeys(a.configs))  # a configuration given twice runs once
     for key, value in DEFAULTS.items():
         if getattr(a, key) is None:
             setattr(a, key, QUICK[key] if a.quick else value)
@@ -435,14 +456,15 @@ def main(argv: list[str] | None = None) -> int:
     machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                "torch": torch.__version__, "load_average_start": os.getloadavg(),
                "compute": "emulated (sleep); not run on a GPU"}  # fmt: skip
-    print(f"{a.model}: {a.numel:,} floats, {a.mode}, {len(CONFIGS)} configurations x {a.repeats} repeat(s), "
+    configs = configurations(a)
+    print(f"{a.model}: {a.numel:,} floats, {a.mode}, {len(configs)} configurations x {a.repeats} repeat(s), "
           f"{a.steps} timed steps after {a.warmup} per phase, C = {a.ratio:g} x R", flush=True)  # fmt: skip
     runs = []
-    workers = Workers(max(m for _, m, _ in CONFIGS), a.model, a.worker_threads)
+    workers = Workers(max(m for _, m, _ in configs), a.model, a.worker_threads)
     try:
         with tempfile.TemporaryDirectory(prefix="dcasgd-step-") as tmp:
             for repeat in range(a.repeats):
-                for shards_, m, wire in CONFIGS:
+                for shards_, m, wire in configs:
                     run = run_config(workers, shards_, m, wire, repeat, a, Path(tmp))
                     runs.append(run)
                     periods = ", ".join(f"w{b['worker']} {b['period'] * 1e3:.1f}/{o['period'] * 1e3:.1f}"

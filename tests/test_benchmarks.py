@@ -17,8 +17,11 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @pytest.mark.timeout(90)
 def test_speedup_tiny_run_writes_json_and_plots(tmp_path):
+    # One mode, two worker counts: the time is starting processes (about 6 s a run; 2 epochs train in
+    # 0.1 s), so the real run is sync alone, the lockstep mode, which needs both workers to finish.
+    # What compares modes (vs sync@1, the straggler check, both plots) is tested on given runs below.
     out = tmp_path / "speedup"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "speedup.py"), "--workers", "1", "2", "--modes", "async", "sync",
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "speedup.py"), "--workers", "1", "2", "--modes", "sync",
            "--epochs", "2", "--compute-ms", "0", "--target", "0.5", "--out", str(out)]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=80, cwd=ROOT)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -26,7 +29,7 @@ def test_speedup_tiny_run_writes_json_and_plots(tmp_path):
     report = json.loads((out / "speedup.json").read_text())
     assert {"argv", "args", "machine", "summary", "straggler_check", "runs", "simulation"} <= report.keys()
     assert report["args"]["workers"] == [1, 2] and report["args"]["epochs"] == 2
-    assert {(r["mode"], r["workers"]) for r in report["runs"]} == {("async", 1), ("async", 2), ("sync", 1), ("sync", 2)}
+    assert [(r["mode"], r["workers"], r["lr"]) for r in report["runs"]] == [("sync", 1, 0.1), ("sync", 2, 0.2)]
     for run in report["runs"]:
         assert run["exit_code"] == 0 and run["error"] is None
         assert len(run["per_worker"]) == run["workers"]
@@ -35,11 +38,54 @@ def test_speedup_tiny_run_writes_json_and_plots(tmp_path):
     for row in report["summary"]:
         assert {"time_to_target", "speedup", "speedup_vs_sync1", "final_accuracy"} <= row.keys()
         assert row["time_to_target"] is not None  # 0.5 is reached within two epochs
-    assert report["summary"][0]["speedup"] == pytest.approx(1.0)  # async, M=1 is its own baseline
+        assert row["speedup"] == pytest.approx(row["speedup_vs_sync1"])  # sync's own baseline is sync@1
+    assert report["summary"][0]["speedup"] == pytest.approx(1.0)  # M=1 is its own baseline
+    assert report["straggler_check"] is None  # no async mode to compare sync with
     for name in ("speedup.png", "accuracy_vs_time.png"):
         data = (out / name).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 1000
     assert "speedup" in done.stdout and "final acc" in done.stdout
+
+
+@pytest.mark.timeout(30)
+def test_speedup_summary_straggler_check_and_plots_from_given_runs(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import speedup
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+    def run(mode: str, m: int, t: float | None, train: float) -> dict:
+        curve = [[0.0, 0.1, 0], [train, 0.9, 100 * m]] if t is None else [[0.0, 0.1, 0], [t, 0.9, 50 * m]]
+        return {"mode": mode, "workers": m, "lr": 0.1, "time_to_target": t, "final_accuracy": 0.9,
+                "train_seconds": train, "wall_seconds": train + 3, "curve": curve}  # fmt: skip
+
+    a = speedup.parse_args(["--workers", "1", "2", "--modes", "async", "sync", "--straggler", "4", "--target", "0.8"])
+    runs = [run("async", 1, 4.0, 5.0), run("async", 2, 2.0, 3.0), run("sync", 1, 5.0, 6.0), run("sync", 2, 10.0, 12.0)]
+    rows = speedup.summarize(runs)
+    assert [(r["mode"], r["workers"], r["speedup"], r["speedup_vs_sync1"]) for r in rows] == [
+        ("async", 1, 1.0, 1.25), ("async", 2, 2.0, 2.5), ("sync", 1, 1.0, 1.0), ("sync", 2, 0.5, 0.5)
+    ]  # fmt: skip
+    check = speedup.straggler_check(rows, a)
+    assert check["workers"] == 2 and check["sync_time_to_target"] == 10.0
+    assert check["ratios"]["async"]["sync_over_mode"] == 5.0 and check["async_at_least_2x_sooner"] is True
+    # sync never reached the target: its whole run over async's time is a lower bound (under 2x: no verdict)
+    never = speedup.straggler_check(speedup.summarize([*runs[:3], run("sync", 2, None, 6.0)]), a)
+    assert never["ratios"]["async"] == {"time_to_target": 2.0, "sync_over_mode": None, "sync_over_mode_at_least": 3.0}
+    assert never["async_at_least_2x_sooner"] is True
+    short = speedup.straggler_check(speedup.summarize([*runs[:3], run("sync", 2, None, 3.0)]), a)
+    assert short["ratios"]["async"]["sync_over_mode_at_least"] == 1.5 and short["async_at_least_2x_sooner"] is None
+    # async never reached it, sync did: the expectation fails
+    slow = speedup.straggler_check(speedup.summarize([runs[0], run("async", 2, None, 9.0), *runs[2:]]), a)
+    assert slow["ratios"]["async"]["time_to_target"] is None and slow["async_at_least_2x_sooner"] is False
+    # without a straggler there is no verdict, only the ratios
+    calm = speedup.straggler_check(rows, speedup.parse_args(["--workers", "1", "2", "--modes", "async", "sync"]))
+    assert calm["ratios"]["async"]["sync_over_mode"] == 5.0 and calm["async_at_least_2x_sooner"] is None
+    paths = speedup.plot(rows, runs, [], a, tmp_path)
+    assert [p.name for p in paths] == ["speedup.png", "accuracy_vs_time.png"]
+    for path in paths:
+        data = path.read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 1000
 
 
 @pytest.mark.timeout(30)
@@ -202,7 +248,10 @@ def test_transport_quick_writes_every_row(tmp_path):
 @pytest.mark.timeout(300)
 def test_step_overhead_quick_writes_every_row(tmp_path):
     out = tmp_path / "step"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "step_overhead.py"), "--quick", "--steps", "4", "--out", str(out)]
+    # Two of the four shards x workers (the full set is the default; its parsing is tested below):
+    # 1x1, and 2x2, which has both several shards and several workers.
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "step_overhead.py"), "--quick", "--steps", "4",
+           "--configs", "1x1", "2x2", "--out", str(out)]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=290, cwd=ROOT)
     assert done.returncode == 0, done.stdout + done.stderr
 
@@ -210,7 +259,8 @@ def test_step_overhead_quick_writes_every_row(tmp_path):
     assert {"argv", "args", "machine", "summary", "checks", "runs"} <= report.keys()
     numel = report["args"]["numel"]
     assert report["args"]["model"] == "tiny" and 900_000 < numel < 1_100_000
-    configs = {(s, m, wire) for s in (1, 2) for m in (1, 2) for wire in ("float32", "bfloat16")}
+    assert report["args"]["configs"] == [[1, 1], [2, 2]]
+    configs = {(s, m, wire) for s, m in ((1, 1), (2, 2)) for wire in ("float32", "bfloat16")}
     assert {(r["shards"], r["workers"], r["wire"]) for r in report["runs"]} == configs
     for run in report["runs"]:
         for phase in ("calibration", "blocking", "overlap"):
@@ -228,7 +278,7 @@ def test_step_overhead_quick_writes_every_row(tmp_path):
         per_float = 8 if r["wire"] == "float32" else 4  # in and out, 4 or 2 bytes each
         assert r["bytes_per_step"]["median"] == pytest.approx(per_float * numel, rel=0.01)
     checks = report["checks"]
-    assert len(checks["busy"]) == len(rows) and len(checks["wire"]) == 4
+    assert len(checks["busy"]) == len(rows) == 6 and len(checks["wire"]) == 2
     for w in checks["wire"]:
         assert w["bytes_ratio"] == pytest.approx(0.5, abs=0.01) and w["bytes_pass"]
     data = (out / "step_overhead.png").read_bytes()
@@ -250,8 +300,16 @@ def test_step_overhead_resnet50_shapes_and_quick_options():
     assert ("layer4.0.downsample.0.weight", (2048, 1024, 1, 1)) in shapes
     full = step_overhead.parse_args([])
     assert (full.model, full.repeats, full.ratio) == ("resnet50", 3, 1.5)
+    assert full.configs == [(1, 1), (1, 2), (2, 1), (2, 2)]  # every configuration by default
+    assert step_overhead.configurations(full) == [
+        (s, m, wire) for s in (1, 2) for m in (1, 2) for wire in ("float32", "bfloat16")
+    ]
     quick = step_overhead.parse_args(["--quick", "--steps", "5"])
     assert (quick.model, quick.repeats, quick.steps) == ("tiny", 1, 5)
+    assert step_overhead.parse_args(["--configs", "2x2", "1x1", "2X2"]).configs == [(2, 2), (1, 1)]
+    for bad in ("2", "0x1", "1x-1", "axb", "1x2x3"):
+        with pytest.raises(SystemExit):
+            step_overhead.parse_args(["--configs", bad])
 
 
 @pytest.mark.timeout(120)
