@@ -6,7 +6,9 @@ below: 25,557,032 floats; no torchvision needed) and a ``dcasgd.DistributedOptim
 parameter is attached once: no autograd), sleeps C ms to emulate the accelerator's forward and
 backward (GPU time costs the host no CPU) and calls ``opt.step()``. For each configuration
 (1 and 2 shards, 1 and 2 workers, float32 and bfloat16 wire; --configs picks some of them), on
-fresh shards, three phases run one after the other:
+fresh shards, three phases run one after the other. Payloads travel in ZeroMQ frames, as between
+hosts (the shards run with ``--no-shared-memory``; ``--shared-memory``: as workers on a shard's own
+host get them by default, see docs/protocol.md):
 
     R            blocking, C = 0: the time spent inside ``opt.step()``, median over the timed
                  steps (of every worker): the blocking step's round trip. Bytes per step per
@@ -220,14 +222,21 @@ class Workers:
 
 
 @contextmanager
-def shards(num_shards: int, num_workers: int, mode: str, wire: str, threads: int, logdir: Path) -> Iterator[list[str]]:
-    """``num_shards`` fresh ``dcasgd server`` processes; yields their endpoints, stops them on exit."""
+def shards(
+    num_shards: int, num_workers: int, mode: str, wire: str, threads: int, logdir: Path, shared_memory: bool = False
+) -> Iterator[list[str]]:
+    """``num_shards`` fresh ``dcasgd server`` processes; yields their endpoints, stops them on exit.
+
+    ``shared_memory``: let workers hand payloads over in shared memory; off, every payload crosses
+    the socket in frames, as between hosts.
+    """
     procs, endpoints = [], []
     try:
         for s in range(num_shards):
             cmd = [sys.executable, "-m", "dcasgd", "server", "--bind", "tcp://127.0.0.1:0", "--shard", str(s),
                    "--num-shards", str(num_shards), "--num-workers", str(num_workers), "--mode", mode,
-                   "--wire-dtype", wire, "--threads", str(threads), "--log-level", "WARNING"]  # fmt: skip
+                   "--wire-dtype", wire, "--threads", str(threads), "--log-level", "WARNING",
+                   *(() if shared_memory else ("--no-shared-memory",))]  # fmt: skip
             with open(logdir / f"shard{s}.log", "w") as log:
                 procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True))
         for s, p in enumerate(procs):  # they start in parallel; read each one's line in turn
@@ -269,7 +278,7 @@ def run_config(workers: Workers, shards_: int, m: int, wire: str, repeat: int, a
     common = {"steps": a.steps, "warmup": a.warmup, "lr": a.lr}
     threads = a.shard_threads
     load = os.getloadavg()[0]
-    with shards(shards_, m, a.mode, wire, threads, logdir) as endpoints:
+    with shards(shards_, m, a.mode, wire, threads, logdir, a.shared_memory) as endpoints:
         cal, before, after = workers.phase(m, endpoints, overlap=False, compute_ms=0.0, **common)
         r = statistics.median(t for res in cal for t in res["step_seconds"])
         bytes_per_step = (_bytes(after) - _bytes(before)) / (a.steps * m)
@@ -428,6 +437,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     default=[shards_x_workers(c) for c in SHARDS_X_WORKERS],
                     help="shards x workers to run, each with both wire types, e.g. --configs 1x1 2x2 "
                     f"(default: {' '.join(SHARDS_X_WORKERS)})")  # fmt: skip
+    ap.add_argument("--shared-memory", action="store_true",
+                    help="payloads in shared memory, as on a shard's own host (default: frames)")  # fmt: skip
     ap.add_argument("--ratio", type=float, default=1.5, help="emulated compute C = ratio x R (default 1.5)")
     ap.add_argument("--mode", choices=["async", "dcasgd", "dcasgd-a"], default="dcasgd-a", help="update rule")
     ap.add_argument("--lr", type=float, default=0.01)

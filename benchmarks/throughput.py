@@ -125,12 +125,12 @@ def _free_port() -> int:
 
 
 def start_shards(
-    num_shards: int, mode: str, threads: int, ipc_dir: str | None = None
+    num_shards: int, mode: str, threads: int, ipc_dir: str | None = None, name: str = "shard"
 ) -> tuple[list[subprocess.Popen], list[str]]:
-    """``num_shards`` ``dcasgd server`` processes on tcp (127.0.0.1), or on ipc sockets in ``ipc_dir``."""
+    """``num_shards`` ``dcasgd server`` processes on tcp (127.0.0.1), or on ipc sockets ``ipc_dir/name-s``."""
     procs, endpoints = [], []
     for s in range(num_shards):
-        bind = "tcp://127.0.0.1:0" if ipc_dir is None else f"ipc://{ipc_dir}/{mode}-{num_shards}-{s}"
+        bind = "tcp://127.0.0.1:0" if ipc_dir is None else f"ipc://{ipc_dir}/{name}-{s}"
         cmd = [sys.executable, "-m", "dcasgd", "server", "--bind", bind, "--shard", str(s),
                "--num-shards", str(num_shards), "--num-workers", "1", "--mode", mode, "--log-level", "WARNING",
                "--threads", str(threads)]  # fmt: skip
@@ -287,7 +287,7 @@ def measure(numel: int, a: argparse.Namespace) -> list[Row]:
                 r.start(numel, (port, tcp_only), False)
             elif r.kind == "push_pull":
                 ipc = ipc_dir if " ipc" in r.what else None
-                procs, endpoints = start_shards(r.shards, r.mode, a.shard_threads, ipc)
+                procs, endpoints = start_shards(r.shards, r.mode, a.shard_threads, ipc, f"row{rows.index(r)}")
                 shard_procs += procs
                 frames = r.what.endswith(" frames")
                 r.start(numel, (endpoints, not frames), not r.what.endswith("(default client)"))
@@ -434,15 +434,14 @@ def report(numel: int, rows: list[Row], threads: int, results: dict[str, Any]) -
         # (both shared memory: TensorPipe's own pick; dcasgd launch connects workers to shards over ipc://).
         # And what shared memory buys dcasgd: the same ipc endpoint with every payload in frames.
         alike = [
-            ("tcp", target + " frames", "torch rpc sgd tcp"),
-            ("shm", target + " ipc", "torch rpc sgd"),
-            ("shm_vs_frames", target + " ipc", target + " ipc frames"),
+            ("tcp_vs_rpc", "like for like", target + " frames", "torch rpc sgd tcp"),
+            ("shm_vs_rpc", "like for like", target + " ipc", "torch rpc sgd"),
+            ("shm_vs_frames", "shared memory", target + " ipc", target + " ipc frames"),
         ]
-        for name, ours, theirs in alike:
+        for key, label, ours, theirs in alike:
             if ours in med and theirs in med:
-                checks[f"{name}_vs_rpc"] = med[ours] / med[theirs]
-                ok = _verdict(checks[f"{name}_vs_rpc"] <= 1.0)
-                print(f"  like for like: {ours} = {checks[f'{name}_vs_rpc']:.3f}x {theirs} ({ok})")
+                checks[key] = med[ours] / med[theirs]
+                print(f"  {label}: {ours} = {checks[key]:.3f}x {theirs} ({_verdict(checks[key] <= 1.0)})")
         results["targets"].append({"numel": numel, **checks})
 
 

@@ -331,8 +331,8 @@ class Client:
 
     @property
     def shared_memory(self) -> list[bool]:
-        """Per shard, whether requests hand payloads over in shared memory (a region is in use)."""
-        return [r is not None for r in self._regions]
+        """Per shard, whether requests hand payloads over in shared memory (known after the first hello)."""
+        return list(self._shm_use)
 
     def close(self) -> None:
         """Close the sockets (and the ZeroMQ context if this client made it)."""

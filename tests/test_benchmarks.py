@@ -111,31 +111,35 @@ def test_throughput_quick_writes_every_row(tmp_path):
     out = tmp_path / "throughput.json"
     # --quick, with smaller messages than its 1M floats to keep the test short
     cmd = [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--quick", "--sizes", "100000"]
-    cmd += ["--shm-study", "--out", str(out)]
+    cmd += ["--out", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=140, cwd=ROOT)
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads(out.read_text())
     runs = report["runs"]
-    whats = ["bare zmq echo", "bare zmq echo (tuned)", "torch rpc sgd", "torch rpc sgd tcp", "shm study sgd",
+    whats = ["bare zmq echo", "bare zmq echo (tuned)", "torch rpc sgd", "torch rpc sgd tcp",
              "push_pull async x1", "push_pull dcasgd-a x1", "push_pull dcasgd-a x1 (default client)",
-             "push_pull dcasgd-a x1 ipc"]  # fmt: skip
+             "push_pull dcasgd-a x1 ipc", "push_pull dcasgd-a x1 frames",
+             "push_pull dcasgd-a x1 ipc frames"]  # fmt: skip
     assert [r["what"] for r in runs] == whats
     for r in runs:
         assert r["numel"] == 100_000 and len(r["seconds"]) == 10 and all(t > 0 for t in r["seconds"])
         assert r["what"] in done.stdout
     assert runs[0]["ratio_to_echo"] == pytest.approx(1.0)
-    for r in runs[5:]:  # the shard's own counters, per update: every phase, the rule and the loop's included
+    for r in runs[4:]:  # the shard's own counters, per update: every phase, the rule and the loop's included
         phases = r["phase_seconds_per_update"]
         assert list(phases) == ["receive", "check", "rule", "snapshot", "send"]
         assert phases["receive"] > 0 and phases["rule"] > 0 and phases["send"] > 0
+        # Shared memory where the row says so (the client checks it is in use), frames elsewhere.
+        shm_in = [st["server"].get("shm_bytes_in", 0) for st in r["stats"][-1]]
+        assert all(b > 0 for b in shm_in) != r["what"].endswith(" frames"), (r["what"], shm_in)
     (bounds,) = report["bounds"]
     assert set(bounds["modes"]) == {"async", "dcasgd-a"}
     for mode, b in bounds["modes"].items():
         assert b["bytes"] == {"async": 16, "dcasgd-a": 28}[mode] * 100_000  # benchmarks/kernels.py's accounting
         assert b["bound_s"] > 0 and b["rule_over_bound"] > 0
     (target,) = report["targets"]
-    assert {"vs_echo", "vs_rpc", "rule_over_bound", "tcp_vs_rpc", "ipc_vs_rpc", "shm_study_vs_rpc"} <= target.keys()
-    assert "study: shm study sgd = " in done.stdout
+    assert {"vs_echo", "vs_rpc", "rule_over_bound", "tcp_vs_rpc", "shm_vs_rpc", "shm_vs_frames"} <= target.keys()
+    assert "shared memory: push_pull dcasgd-a x1 ipc = " in done.stdout
     assert "targets: push_pull dcasgd-a x1" in done.stdout and ("PASS" in done.stdout or "MISS" in done.stdout)
 
 

@@ -15,6 +15,9 @@ from dcasgd import Client, protocol, shm
 from dcasgd.layout import flat_fingerprint
 
 N = 10_001  # not a multiple of a page's floats: the areas are padded
+# A message limit given: the shard never binds again after the first init, so no request is resent on a
+# new connection (a resend goes as frames, which would change the counts these tests check).
+FIXED_LIMIT = ("--max-message-bytes", str(1 << 20))
 
 
 # --- the region's own checks (no shard) ------------------------------------------------------------
@@ -111,7 +114,8 @@ def _run(endpoints: list[str], shared_memory: bool) -> tuple[torch.Tensor, list[
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("mode, wire", [("dcasgd-a", "float32"), ("sync", "bfloat16"), ("dcasgd", "float16")])
 def test_shared_memory_gives_bit_for_bit_the_weights_frames_give(cluster_factory, mode, wire):
-    with cluster_factory(2, 1, mode, "--wire-dtype", wire) as a, cluster_factory(2, 1, mode, "--wire-dtype", wire) as b:
+    args = (mode, "--wire-dtype", wire, *FIXED_LIMIT)
+    with cluster_factory(2, 1, *args) as a, cluster_factory(2, 1, *args) as b:
         w_shm, used_shm, st_shm = _run(a.endpoints, None)  # the default on one host
         w_frames, used_frames, st_frames = _run(b.endpoints, False)
     assert used_shm == [True, True] and used_frames == [False, False]
@@ -139,7 +143,7 @@ def test_a_region_the_shard_cannot_open_falls_back_to_frames_and_applies_once(cl
     # As a worker in another container: the fd it names is not one the shard can open.
     monkeypatch.setattr(shm.Region, "describe", lambda self: {"pid": os.getpid(), "fd": 10_000, "size": self.size,
                                                               "token": self.token.hex()})  # fmt: skip
-    with cluster_factory(1, 1, "async") as cl:
+    with cluster_factory(1, 1, "async", *FIXED_LIMIT) as cl:
         with Client(cl.endpoints, 0, timeout=20.0) as c:
             c.init(torch.zeros(N))
             assert torch.equal(c.pull(), torch.zeros(N))  # refused twice, then frames
@@ -242,8 +246,8 @@ def test_a_resent_request_goes_as_frames_and_the_region_is_replaced():
     try:
         with Client([shard.endpoint], 0, timeout=1.0, retries=1) as c:
             assert torch.equal(c.push_pull(torch.full((N,), 3.0), lr=0.1), torch.full((N,), 7.0))
-            assert c.shared_memory == [False]  # dropped after the call that resent
+            assert c._regions == [None] and c.shared_memory == [True]  # dropped after the call that resent
             assert torch.equal(c.push_pull(torch.ones(N), lr=0.1), torch.full((N,), 9.0))
-            assert c.shared_memory == [True]
+            assert c._regions[0] is not None
     finally:
         shard.close()
