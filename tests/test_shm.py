@@ -251,3 +251,30 @@ def test_a_resent_request_goes_as_frames_and_the_region_is_replaced():
             assert c._regions[0] is not None
     finally:
         shard.close()
+
+
+@pytest.mark.timeout(30)
+def test_the_shard_checks_and_applies_its_own_copy_of_a_regions_gradient():
+    # A worker could write its region between the shard's non-finite check and its rule: what the
+    # shard checks and applies is a copy taken once, which later writes to the region do not reach.
+    from dcasgd.server import ShardServer
+    from dcasgd.shard import ShardConfig
+
+    server = ShardServer("tcp://127.0.0.1:0", ShardConfig(num_workers=1))
+    made = shm.Region.create(N, torch.float32)
+    try:
+        server.shard.init(protocol.validate_request(
+            {"v": 2, "rid": 1, "op": "init", "worker": 0, "fp": "f", "n": N, "lo": 0, "hi": N, "dtype": "float32",
+             "nbytes": 4 * N}, 1, 1), torch.zeros(N))  # fmt: skip
+        named = {"pid": os.getpid(), "fd": made.fd, "size": made.size, "token": made.token.hex()}
+        req = protocol.validate_request({"v": 2, "rid": 2, "op": "push", "worker": 0, "fp": "f", "seq": 1,
+                                         "dtype": "float32", "nbytes": 4 * N, "shm": named}, 1, 0)  # fmt: skip
+        made.grad.fill_(0.5)
+        region = server._region(req)
+        grad = server._payload(req, [], region)
+        made.grad.fill_(float("nan"))  # the worker writes again, after the copy
+        assert torch.equal(grad, torch.full((N,), 0.5))
+        assert region.grad.isnan().all() and grad.untyped_storage().data_ptr() != region.grad.data_ptr()
+    finally:
+        server.close()
+        made.close()
