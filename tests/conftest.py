@@ -91,9 +91,13 @@ def start_cluster(
             with open(log, "w") as err:
                 procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env))
             logs.append(log)
-            endpoints.append(_read_endpoint(procs[-1], log))
+        for proc, log in zip(procs, logs, strict=True):  # they start side by side: most of a start is imports
+            endpoints.append(_read_endpoint(proc, log))
         yield Cluster(procs, endpoints, logs, ipc_dir)
     finally:
+        for p in procs:  # SIGTERM to all first: each takes about 0.5 s to exit
+            if p.poll() is None:
+                p.terminate()
         for p in procs:
             stop_process(p)
         if ipc_dir is not None:

@@ -112,8 +112,10 @@ def _run(endpoints: list[str], shared_memory: bool) -> tuple[torch.Tensor, list[
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("mode, wire", [("dcasgd-a", "float32"), ("sync", "bfloat16"), ("dcasgd", "float16")])
+@pytest.mark.parametrize("mode, wire", [("dcasgd-a", "bfloat16"), ("sync", "float16")])
 def test_shared_memory_gives_bit_for_bit_the_weights_frames_give(cluster_factory, mode, wire):
+    # The narrow wires here (and two shards: a region each); float32 in every mode, shared memory and
+    # frames side by side against a float64 reference: tests/test_cluster.py (worker 1 sends frames).
     args = (mode, "--wire-dtype", wire, *FIXED_LIMIT)
     with cluster_factory(2, 1, *args) as a, cluster_factory(2, 1, *args) as b:
         w_shm, used_shm, st_shm = _run(a.endpoints, None)  # the default on one host
