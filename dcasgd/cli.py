@@ -462,6 +462,7 @@ def cmd_server(a: argparse.Namespace) -> int:
         metrics_host=a.metrics_host,
         exit_when_done=a.exit_when_done,
         shared_memory=a.shared_memory,
+        exit_process=True,
         **ckpt,
     )
 
