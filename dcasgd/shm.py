@@ -23,7 +23,6 @@ its sender did not already have.
 
 from __future__ import annotations
 
-import fcntl
 import hmac
 import mmap
 import os
@@ -34,12 +33,17 @@ import sys
 import torch
 from torch import Tensor
 
+try:
+    import fcntl
+except ImportError:  # not a POSIX system: no regions, every payload goes in frames
+    fcntl = None  # type: ignore[assignment]
+
 ENV = "DCASGD_SHARED_MEMORY"  # 0: a worker never uses shared memory, 1: with every shard that offers it
 MAGIC = b"dcasgd-shm-v1\0\0\0"  # 16 bytes at the start of a region
 TOKEN_BYTES = 16
 HEADER_BYTES = 4096  # magic, token; the areas after it start on page boundaries
 NAME = "dcasgd-region"  # the memfd's name; /proc shows it as "/memfd:dcasgd-region (deleted)"
-SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL if sys.platform == "linux" else 0
+SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL if sys.platform == "linux" and fcntl else 0
 _PAGE = 4096
 
 
@@ -49,7 +53,7 @@ class RegionRefused(Exception):
 
 def available() -> bool:
     """Whether this platform has sealed memfds (Linux 3.17+) and a ``/proc`` to open them through."""
-    return sys.platform == "linux" and hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd")
+    return bool(SEALS) and hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd")
 
 
 def area_bytes(numel: int, itemsize: int) -> int:
