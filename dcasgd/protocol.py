@@ -266,12 +266,7 @@ def _region(value: Any) -> Region | None:
         return None
     if not isinstance(value, dict):
         raise ProtocolError(BAD_HEADER, "field 'shm' must be a map of pid, fd, size and token")
-    ints = {}
-    for key, lo in (("pid", 1), ("fd", 0), ("size", 1)):
-        v = value.get(key)
-        if type(v) is not int or not lo <= v < 2**63:
-            raise ProtocolError(BAD_HEADER, f"field 'shm.{key}' must be an integer >= {lo}")
-        ints[key] = v
+    pid, fd, size = (_int(value, key, lo=lo, hi=2**63) for key, lo in (("pid", 1), ("fd", 0), ("size", 1)))
     token = value.get("token")
     if not isinstance(token, str) or len(token) != 32:
         raise ProtocolError(BAD_HEADER, "field 'shm.token' must be 32 hex digits")
@@ -279,7 +274,7 @@ def _region(value: Any) -> Region | None:
         raw = bytes.fromhex(token)
     except ValueError:
         raise ProtocolError(BAD_HEADER, "field 'shm.token' must be 32 hex digits") from None
-    return Region(ints["pid"], ints["fd"], ints["size"], raw)
+    return Region(pid, fd, size, raw)
 
 
 def _layout(value: Any) -> list[list[Any]] | None:
